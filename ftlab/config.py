@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ftlab.errors import ConfigError, check_choice, check_fraction, check_positive, did_you_mean
 
-MODEL_SOURCES = ("gguf_package", "hub", "local", "random")
+MODEL_SOURCES = ("gguf_package", "package", "hub", "local", "random")
 MODEL_TASKS = ("causal_lm", "seq_cls")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
@@ -36,15 +36,23 @@ STRATEGIES = ("auto", *DDP_STRATEGIES, *SHARDED_STRATEGIES)
 
 @dataclass
 class ModelSettings:
-    """Where the weights come from and what the architecture is (``conf/model/*.yaml``)."""
+    """Where the weights come from and what the architecture is (``conf/model/*.yaml``).
+
+    ``tasks``: the heads this architecture offers (``causal_lm`` for decoders, ``seq_cls`` for
+    a classification head over a decoder's last token or an encoder's first); ``task`` is the
+    one a run trains. ``source=package``: a model directory shipped inside a Python package
+    (``package``, and ``package_path`` inside it)."""
 
     name: str
     source: str
     task: str = "causal_lm"
+    tasks: list[str] = field(default_factory=lambda: ["causal_lm", "seq_cls"])
     hub_id: str | None = None
     path: str | None = None
     gguf_package: str | None = None
     gguf_file: str | None = None
+    package: str | None = None
+    package_path: str | None = None
     dtype: str = "float32"
     quantization: str = "none"
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
@@ -53,6 +61,14 @@ class ModelSettings:
     def __post_init__(self) -> None:
         check_choice("model.source", self.source, MODEL_SOURCES)
         check_choice("model.task", self.task, MODEL_TASKS)
+        self.tasks = [self.tasks] if isinstance(self.tasks, str) else list(self.tasks)
+        for task in self.tasks:
+            check_choice("model.tasks", task, MODEL_TASKS)
+        if self.task not in self.tasks:
+            raise ConfigError(
+                f"model {self.name!r} has no {self.task} head (its heads: {', '.join(self.tasks)})"
+                + ("; an encoder classifies: use data=classification (or a classification file "
+                   "with data.format=classification)" if self.task == "causal_lm" else ""))
         check_choice("model.dtype", self.dtype, DTYPES)
         check_choice("model.quantization", self.quantization, QUANTIZATIONS)
         if self.source == "random" and not self.arch:
@@ -61,6 +77,9 @@ class ModelSettings:
             raise ConfigError(f"model {self.name!r} needs model.hub_id or model.path")
         if self.source == "local" and not self.path:
             raise ConfigError(f"model {self.name!r} has source=local but no model.path")
+        if self.source == "package" and not (self.package and self.package_path):
+            raise ConfigError(f"model {self.name!r} has source=package but no model.package "
+                              "and model.package_path")
 
 
 @dataclass
@@ -229,6 +248,46 @@ class DryRunSettings:
             check_positive("dry_run.device_memory_gb", self.device_memory_gb)
 
 
+# What validation logs, by data format: the metrics a run can monitor.
+MONITORABLE = {"causal_lm": ("val/loss", "val/perplexity", "val/token_accuracy"),
+               "seq_cls": ("val/loss", "val/accuracy", "val/f1")}
+
+
+@dataclass
+class MonitorSettings:
+    """The validation metric that picks the best checkpoint and drives early stopping.
+
+    ``mode``: ``min``, ``max``, or ``auto`` (max for accuracies and F1, min for loss and
+    perplexity). ``patience``: stop after this many validations in a row without an improvement
+    of more than ``min_delta``; ``null`` turns early stopping off. ``keep_best``: keep
+    ``checkpoints/best.ckpt`` and write the best model's adapter to ``best_adapter/``."""
+
+    metric: str = "val/loss"
+    mode: str = "auto"
+    patience: int | None = None
+    min_delta: float = 0.0
+    keep_best: bool = True
+
+    def __post_init__(self) -> None:
+        known = sorted({m for ms in MONITORABLE.values() for m in ms})
+        if self.metric not in known:
+            raise ConfigError(f"monitor.metric={self.metric!r} is not a metric ftlab logs"
+                              f"{did_you_mean(self.metric, known)}; validation logs: {', '.join(known)}")
+        check_choice("monitor.mode", self.mode, ("auto", "min", "max"))
+        if self.patience is not None:
+            check_positive("monitor.patience", self.patience, integer=True)
+        if isinstance(self.min_delta, bool) or not isinstance(self.min_delta, (int, float)) or self.min_delta < 0:
+            raise ConfigError(f"monitor.min_delta must be a number >= 0, got {self.min_delta!r}")
+        if not isinstance(self.keep_best, bool):
+            raise ConfigError(f"monitor.keep_best must be true or false, got {self.keep_best!r}")
+
+    @property
+    def direction(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "max" if self.metric.endswith(("accuracy", "f1")) else "min"
+
+
 @dataclass
 class LoggerSettings:
     name: str = "csv"
@@ -276,10 +335,19 @@ class RunSettings:
     dry_run: DryRunSettings = field(default_factory=DryRunSettings)
     checkpoint_every_n_steps: int | None = 50
     sweep_name: str | None = None
+    monitor: MonitorSettings = field(default_factory=MonitorSettings)
 
     def __post_init__(self) -> None:
         _check_trainer_args(self.trainer)
+        self._check_monitor()
+        self._check_warmup()
         wants = "seq_cls" if self.data.format == "classification" else "causal_lm"
+        if wants not in self.model.tasks:
+            raise ConfigError(
+                f"data.format={self.data.format} trains a {wants} head, which model "
+                f"{self.model.name!r} does not have (its heads: {', '.join(self.model.tasks)})"
+                + ("; use data=classification, or data.format=classification with your own file"
+                   if wants == "causal_lm" else ""))
         if self.model.task != wants:
             raise ConfigError(
                 f"data.format={self.data.format} trains model.task={wants}, but model.task="
@@ -289,6 +357,44 @@ class RunSettings:
     @property
     def max_steps(self) -> int:
         return int(self.trainer.get("max_steps", -1) or -1)
+
+    def _check_monitor(self) -> None:
+        """The monitored metric must be one this run's validation logs, and early stopping
+        needs validation to run during training."""
+        task = "seq_cls" if self.data.format == "classification" else "causal_lm"
+        logged = MONITORABLE[task]
+        m = self.monitor
+        if m.metric not in logged:
+            raise ConfigError(f"monitor.metric={m.metric} is never logged by a run on "
+                              f"data.format={self.data.format}; its validation logs: {', '.join(logged)}")
+        if m.patience is None:
+            return
+        interval = self.trainer.get("val_check_interval")
+        limit = self.trainer.get("limit_val_batches", 1.0)
+        if limit in (0, 0.0):
+            raise ConfigError(f"monitor.patience={m.patience} (early stopping) needs validation, but "
+                              "trainer.limit_val_batches=0 turns it off")
+        if isinstance(interval, int) and self.max_steps > 0 and interval > self.max_steps:
+            raise ConfigError(
+                f"monitor.patience={m.patience} (early stopping on {m.metric}): trainer.val_check_interval="
+                f"{interval} is more than trainer.max_steps={self.max_steps}, so {m.metric} is never "
+                "logged during training; lower trainer.val_check_interval")
+
+    def _check_warmup(self) -> None:
+        """Warmup longer than the run never reaches the configured learning rate. (Runs sized
+        in epochs are checked once the data's size is known, in :mod:`ftlab.run`.)"""
+        if self.max_steps > 0:
+            check_warmup(self.scheduler, self.max_steps)
+
+
+def check_warmup(schedule: SchedulerSettings, total_steps: int) -> None:
+    warmup = schedule.warmup(total_steps)
+    if warmup >= total_steps:
+        given = (f"scheduler.warmup_steps={schedule.warmup_steps}" if schedule.warmup_steps
+                 else f"scheduler.warmup_ratio={schedule.warmup_ratio}")
+        raise ConfigError(f"{given} warms up for {warmup} optimizer steps, but the run takes "
+                          f"{total_steps}: the learning rate would never reach optimizer.lr; "
+                          "shorten the warmup or train longer")
 
 
 def _check_trainer_args(trainer: dict[str, Any]) -> None:

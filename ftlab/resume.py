@@ -253,7 +253,7 @@ def checkpoint_identity(settings) -> dict[str, Any]:
     """What a checkpoint must match to continue a run: the method and the model."""
     model = dataclasses.asdict(settings.model)
     return {"method": dict(settings.method),
-            "model": {k: model[k] for k in ("name", "source", "hub_id", "path", "gguf_file", "task",
+            "model": {k: model[k] for k in ("name", "source", "hub_id", "path", "gguf_file", "package", "task",
                                              "dtype", "quantization", "arch")}}
 
 

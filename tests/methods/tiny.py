@@ -1,4 +1,5 @@
-"""Plain helpers for the method tests: the tiny Llama, method settings from conf/, the cases.
+"""Plain helpers for the method tests: the tiny model families, method settings from conf/,
+the cases.
 
 Kept apart from conftest.py (which only holds fixtures) so test modules can import them at
 collection time, when the parametrization is built.
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,28 +23,97 @@ from ftlab.methods import available, build_method
 
 REPO = Path(__file__).resolve().parents[2]
 CONF = REPO / "conf" / "method"
+MODEL_CONF = REPO / "conf" / "model"
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: the arch dict is not hashable
+class Family:
+    """One tiny random architecture the method matrix runs on.
+
+    ``arch`` is the model's transformers config; ``task`` picks the head (``causal_lm``: the
+    language-model head, labels = the input ids; ``seq_cls``: a new classification head with
+    one output per label, labels one class id per row); ``model_conf`` is the
+    ``conf/model/<name>.yaml`` whose ``target_modules`` a run's ``${model.target_modules}``
+    resolves to.
+    """
+
+    name: str
+    arch: dict[str, Any]
+    task: str
+    model_conf: str
+    labels: tuple[str, ...] = ()
+
+    def settings(self, quantization: str = "none") -> ModelSettings:
+        return ModelSettings(name=f"tiny-{self.name}-test", source="random", arch=dict(self.arch),
+                             task=self.task, tasks=[self.task], target_modules=self.target_modules,
+                             quantization=quantization)
+
+    def load(self, quantization: str = "none", seed: int = 0):
+        """A fresh model, identical on every call with the same seed."""
+        from ftlab.models import load_model
+
+        model, _ = load_model(self.settings(quantization), seed=seed, labels=list(self.labels) or None)
+        return model
+
+    @property
+    def target_modules(self) -> list[str]:
+        return list(OmegaConf.load(MODEL_CONF / f"{self.model_conf}.yaml").target_modules)
+
+    def batch(self, rows: int = 2, length: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A fixed batch: random token ids (no special tokens), no padding, and the task's labels."""
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(4, 260, (rows, length), generator=g)
+        if self.task == "seq_cls":
+            labels = torch.arange(rows) % len(self.labels)  # every class present, one id per row
+        else:
+            labels = ids.clone()
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
 
 # Hidden 64 and intermediate 128 are multiples of bitsandbytes' 4-bit block size (64), so the
-# same model also loads in NF4. initializer_range=0.2 instead of Llama's 0.02: with 0.02 a
-# random lm_head spans about +-1 in logits, and no method that leaves the head frozen could
-# halve the loss of any batch.
+# same models also load in NF4. initializer_range=0.2 instead of the usual 0.02: with 0.02 a
+# random (frozen) language-model head spans about +-1 in logits, and no method that leaves the
+# head frozen could halve the loss of any batch (GPT-2's head is its token embedding matrix,
+# tied). BERT's classification head trains with every method, but with 0.02 the random encoder
+# maps every input to nearly the same pooled vector, the more so when the pooled first position
+# is a virtual token: prompt tuning and p-tuning got from 0.69 to 0.42 at best in 200 steps.
+# Dropout is off (Llama has none): the loss curve then measures the method, not dropout noise,
+# and the same adapter reaches the same loss whichever backend (peft, native) implements it.
 ARCH: dict[str, Any] = dict(
     model_type="llama", vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
     tie_word_embeddings=False, initializer_range=0.2,
 )
+GPT2_ARCH: dict[str, Any] = dict(
+    model_type="gpt2", vocab_size=272, n_embd=64, n_inner=128, n_layer=2, n_head=4, n_positions=256,
+    tie_word_embeddings=True, initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    # The byte-level tokenizer's ids: GPT-2's defaults (50256) lie outside this vocabulary.
+    bos_token_id=1, eos_token_id=2,
+)
+BERT_ARCH: dict[str, Any] = dict(
+    model_type="bert", vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, max_position_embeddings=256, type_vocab_size=2, initializer_range=0.2,
+    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+)
+LLAMA = Family("llama", ARCH, "causal_lm", "tiny-llama")
+GPT2 = Family("gpt2", GPT2_ARCH, "causal_lm", "tiny-gpt2")
+BERT = Family("bert", BERT_ARCH, "seq_cls", "tiny-bert", labels=("negative", "positive"))
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GPT2, BERT)}
+
 HEAD_DIM = ARCH["hidden_size"] // ARCH["num_attention_heads"]
 KV_DIM = HEAD_DIM * ARCH["num_key_value_heads"]
-MODEL_TARGETS = ["q_proj", "v_proj"]  # what ${model.target_modules} resolves to in these tests
+MODEL_TARGETS = ["q_proj", "v_proj"]  # what ${model.target_modules} resolves to with tiny-llama
 
 
 def tiny_settings(quantization: str = "none") -> ModelSettings:
-    return ModelSettings(name="tiny-llama-test", source="random", arch=dict(ARCH), quantization=quantization)
+    return LLAMA.settings(quantization)
 
 
-def method_kwargs(name: str, **overrides: Any) -> dict[str, Any]:
-    """The flat keys of ``conf/method/<name>.yaml``, resolved the way a run resolves them."""
-    cfg = OmegaConf.merge({"model": {"target_modules": MODEL_TARGETS}}, {"method": OmegaConf.load(CONF / f"{name}.yaml")})
+def method_kwargs(name: str, *, family: Family | None = None, **overrides: Any) -> dict[str, Any]:
+    """The flat keys of ``conf/method/<name>.yaml``, resolved the way a run on ``family``
+    (default: the tiny Llama) resolves them."""
+    targets = family.target_modules if family is not None else MODEL_TARGETS
+    cfg = OmegaConf.merge({"model": {"target_modules": targets}}, {"method": OmegaConf.load(CONF / f"{name}.yaml")})
     kwargs = OmegaConf.to_container(cfg, resolve=True)["method"]
     kwargs.pop("name")
     kwargs.update(overrides)
@@ -60,14 +131,13 @@ def cases() -> list[tuple[str, str, dict[str, Any]]]:
     return out
 
 
-def build(name: str, **overrides: Any):
-    return build_method(name, **method_kwargs(name, **overrides))
+def build(name: str, *, family: Family | None = None, **overrides: Any):
+    return build_method(name, **method_kwargs(name, family=family, **overrides))
 
 
 def fixed_batch(rows: int = 2, length: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 260, (rows, length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    """The tiny Llama's fixed batch (:meth:`Family.batch`)."""
+    return LLAMA.batch(rows, length, seed)
 
 
 # ---------------------------------------------------------------------------- the real CLI

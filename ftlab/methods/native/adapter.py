@@ -45,10 +45,12 @@ from ftlab.errors import ConfigError, check_choice, check_positive
 from ftlab.methods.base import default_param_groups, freeze
 from ftlab.methods.native.common import (
     adapter_dtype,
+    classification_heads,
     find_targets,
     in_out_features,
     load_named,
     replace_layers,
+    train_heads,
     wrappers,
 )
 from ftlab.methods.registry import register
@@ -116,6 +118,7 @@ class BottleneckAdapters:
         freeze(model)
         replace_layers(model, names, lambda _, layer: BottleneckAdapter(
             layer, self.bottleneck, self.nonlinearity, self.init_scale))
+        train_heads(model)
         return model
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
@@ -138,7 +141,9 @@ class BottleneckAdapters:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         layers = wrappers(model, BottleneckAdapter)
-        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if ".adapter_" in n}
+        heads = tuple(f"{h}." for h in classification_heads(model))  # a classifier's new head
+        tensors = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters()
+                   if ".adapter_" in n or n.startswith(heads)}
         settings = {"method": self.name, "paper": "arXiv 1902.00751", "bottleneck": self.bottleneck,
                     "nonlinearity": self.nonlinearity, "init_scale": self.init_scale,
                     "target_modules": sorted(layers)}

@@ -89,6 +89,36 @@ def find_targets(model: nn.Module, target_modules, *, key: str = "method.target_
     return found
 
 
+# The new head of a sequence-classification model: peft's SEQ_CLS ``modules_to_save``. It starts
+# random, so every method trains it along with its adapter (as peft's methods do) and saves it
+# with the adapter, under peft's keys (``base_model.model.classifier.weight``).
+CLASSIFICATION_HEADS = ("classifier", "score")
+
+
+def classification_heads(model: nn.Module) -> list[str]:
+    """Names of the classification head modules of a ``*ForSequenceClassification`` model."""
+    if not type(model).__name__.endswith("ForSequenceClassification"):
+        return []
+    return [n for n in CLASSIFICATION_HEADS if isinstance(getattr(model, n, None), nn.Module)]
+
+
+def train_heads(model: nn.Module) -> None:
+    for name in classification_heads(model):
+        getattr(model, name).requires_grad_(True)
+
+
+def head_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The classification head's parameters under peft's keys (empty for a language model)."""
+    return {f"{PEFT_PREFIX}{name}.{key}": p for name in classification_heads(model)
+            for key, p in getattr(model, name).named_parameters()}
+
+
+def peft_task(model: nn.Module) -> dict:
+    """``task_type`` (and ``modules_to_save``) of a peft config that describes ``model``'s adapter."""
+    heads = classification_heads(model)
+    return {"task_type": "SEQ_CLS", "modules_to_save": heads} if heads else {"task_type": "CAUSAL_LM"}
+
+
 def _is_native_wrapper(module: nn.Module) -> bool:
     return isinstance(getattr(module, "base_layer", None), nn.Module)
 
@@ -152,12 +182,12 @@ def read_peft_format(directory: Path, peft_type: str) -> tuple[dict, dict[str, t
     return config, load_file(str(weights_path)), metadata
 
 
-def load_named(model: nn.Module, tensors: dict[str, torch.Tensor], marker: str, directory) -> None:
+def load_named(model: nn.Module, tensors: dict[str, torch.Tensor], marker: str | None, directory) -> None:
     """Copy ``tensors`` (keys ``<module path>.<name>``, with or without peft's prefix) into
     the model's parameters of the same names; every parameter whose name holds ``marker``
-    (``.lora_``) must be filled."""
+    (``.lora_``) must be filled (``None``: no such requirement)."""
     own = dict(model.named_parameters())
-    expected = {n for n in own if marker in n}
+    expected = {n for n in own if marker is not None and marker in n}
     got = {}
     for key, value in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)

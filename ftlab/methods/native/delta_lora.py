@@ -46,7 +46,7 @@ from torch import nn
 
 from ftlab.errors import ConfigError, check_positive
 from ftlab.methods.base import default_param_groups
-from ftlab.methods.native.common import PEFT_PREFIX, read_peft_format, save_peft_format
+from ftlab.methods.native.common import PEFT_PREFIX, head_tensors, load_named, read_peft_format, save_peft_format
 from ftlab.methods.native.lora import LoraLinear, NativeLora, lora_layers, peft_lora_config
 from ftlab.methods.peft_methods import check_targets
 from ftlab.methods.registry import register
@@ -168,7 +168,7 @@ class DeltaLora:
         config = peft_lora_config(model, rank, self.alpha * rank / self.r, 0.0, False)
         meta = {"ftlab_method": self.name, "r": str(self.r), "alpha": repr(float(self.alpha)),
                 "update_ratio": repr(float(lam)), "start_step": str(self.start_step), "step": str(self.step)}
-        save_peft_format(Path(directory), config, tensors, meta)
+        save_peft_format(Path(directory), config, {**tensors, **head_tensors(model)}, meta)
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         """Restore a Delta-LoRA model from :meth:`save`'s adapter onto the original base:
@@ -191,6 +191,8 @@ class DeltaLora:
                 layer.lora_A.weight.copy_(a)
                 layer.lora_B.weight.copy_(b)
                 self._prev[name] = _factors(layer)
+        heads = {k: tensors.pop(k) for k in head_tensors(model) if k in tensors}
+        load_named(model, heads, None, directory)  # the classification head, if any
         if tensors:
             raise ValueError(f"{directory}: tensors with no place in this model: {sorted(tensors)[:3]}")
         self.step = int(meta["step"])

@@ -33,12 +33,15 @@ from ftlab.methods.native.common import (
     adapter_dtype,
     conv1d_type,
     find_targets,
+    head_tensors,
     in_out_features,
     load_named,
     peft_target_modules,
+    peft_task,
     read_peft_format,
     replace_layers,
     save_peft_format,
+    train_heads,
     wrappers,
 )
 
@@ -122,7 +125,7 @@ def peft_lora_config(model: nn.Module, r: int, alpha: float, dropout: float, use
         target_modules=peft_target_modules(model, list(layers)),
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
-        task_type="CAUSAL_LM",
+        **peft_task(model),
     )
 
 
@@ -150,6 +153,7 @@ class NativeLora:
         freeze(model)
         replace_layers(model, names, lambda _, layer: LoraLinear(
             layer, self.r, self.alpha, self.dropout, self.use_rslora))
+        train_heads(model)
         if not self.train_A:
             for layer in lora_layers(model).values():
                 layer.lora_A.weight.requires_grad_(False)
@@ -170,7 +174,7 @@ class NativeLora:
     def save(self, model: nn.Module, directory: Path) -> None:
         """peft's LoRA adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``."""
         config = peft_lora_config(model, self.r, self.alpha, self.dropout, self.use_rslora)
-        save_peft_format(Path(directory), config, lora_tensors(model))
+        save_peft_format(Path(directory), config, {**lora_tensors(model), **head_tensors(model)})
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         """Rebuild the layers a saved peft LoRA adapter describes on ``model`` and fill them."""

@@ -42,12 +42,15 @@ from ftlab.methods.native.common import (
     adapter_dtype,
     conv1d_type,
     find_targets,
+    head_tensors,
     in_out_features,
     load_named,
     peft_target_modules,
+    peft_task,
     read_peft_format,
     replace_layers,
     save_peft_format,
+    train_heads,
     wrappers,
 )
 
@@ -166,6 +169,7 @@ class NativeVera:
         freeze(model)
         replace_layers(model, names, lambda _, layer: VeraLinear(
             layer, shared, self.r, self.d_initial, self.dropout))
+        train_heads(model)
         return model
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
@@ -198,8 +202,8 @@ class NativeVera:
             save_projection=self.save_projection, vera_dropout=self.dropout,
             target_modules=peft_target_modules(model, list(layers)),
             fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
-            task_type="CAUSAL_LM")
-        save_peft_format(Path(directory), config, tensors)
+            **peft_task(model))
+        save_peft_format(Path(directory), config, {**tensors, **head_tensors(model)})
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         """Rebuild the VeRA layers a saved peft adapter describes and fill b and d; A and B
