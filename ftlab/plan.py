@@ -21,7 +21,9 @@ everything in the half dtype). Then
   1 byte + one fp32 scale per output row (arXiv 2208.07339).
 - **gradients** ``G = sum_{p trainable} bytes(p)`` (a gradient has its parameter's dtype).
 - **optimizer states** ``O = k * G``, ``k`` states per parameter in the parameter's dtype:
-  Adam/AdamW 2 (exp_avg, exp_avg_sq), SGD with momentum 1, without 0 (:data:`OPTIMIZER_STATES`).
+  Adam/AdamW 2 (exp_avg, exp_avg_sq), SGD with momentum 1, without 0 (:data:`OPTIMIZER_STATES`);
+  bitsandbytes' 8-bit AdamW keeps each state in 1 + 4/256 bytes per value (tensors of at least
+  ``min_8bit_size`` values; smaller ones in fp32).
 - **activations** ``A``: the bytes autograd keeps for the backward pass at the end of the forward
   pass, for ``data.batch_size`` x ``data.max_length`` tokens (the longest batch a run can see).
   They are not guessed from a formula: the adapted model is traced once, forward then
@@ -81,6 +83,9 @@ QUANT_BYTES = {"nf4": (4 + 8 / 64 + 32 / (64 * 256)) / 8, "fp4": (4 + 8 / 64 + 3
 # Optimizer states per trainable parameter, by class name (in the parameter's dtype).
 OPTIMIZER_STATES = {"AdamW": 2, "Adam": 2, "NAdam": 2, "RAdam": 2, "Adamax": 2, "Adagrad": 1,
                     "RMSprop": 1, "Adadelta": 2, "SGD": 1}
+# bitsandbytes' 8-bit optimizers: one uint8 code per value and state, plus an fp32 absmax per block
+# of 256 values (Dettmers et al., arXiv 2110.02861); tensors under min_8bit_size keep fp32 states.
+EIGHT_BIT_STATE_BYTES = 1 + 4 / 256
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
 _WRAPPERS = ("base_model.model.", "base_model.")
 
@@ -298,6 +303,8 @@ def _static_memory(model: nn.Module, s: RunSettings, quantized: set[int], quanti
     half, mixed = precision_parts(precision)
     compute = half or loaded
     k, optimizer = _optimizer_states(s)
+    keywords = getattr(s.optimizer.factory, "keywords", {}) or {}
+    min_8bit = int(keywords.get("min_8bit_size", 4096)) if "8bit" in optimizer else None
     stage = zero_stage(s.hardware) if n > 1 else 0
     deepspeed_mixed = s.hardware.strategy == "deepspeed" and mixed
     weights = grads = states = opt_temp = largest_q = 0
@@ -320,7 +327,8 @@ def _static_memory(model: nn.Module, s: RunSettings, quantized: set[int], quanti
         else:
             weights += numel * _size(dtype)
             grads += numel * _size(dtype)
-            states += numel * k * _size(dtype)
+            per_state = EIGHT_BIT_STATE_BYTES if min_8bit is not None and numel >= min_8bit else _size(dtype)
+            states += math.ceil(numel * k * per_state)
         if s.hardware.accelerator == "cpu":
             opt_temp = max(opt_temp, numel * _size(dtype))
         else:

@@ -248,3 +248,15 @@ def test_plan_json_and_verdict(tmp_path):
     assert saved["memory"]["without_checkpointing"]["fits"] is True
     assert saved["memory"]["without_checkpointing"]["peak"] < GIB
     assert "fits" in plan.table() and "module type" in plan.table()
+
+
+def test_eight_bit_adamw_states_take_about_a_quarter():
+    """bitsandbytes' AdamW8bit: 2 x (1 + 4/256) bytes per trainable value of a large tensor,
+    fp32 states below min_8bit_size (LoRA on Llama-2-7B: every A and B has >= 4096 values)."""
+    adamw = plan_run(settings("model=llama2-7b", "method=lora", "optimizer=adamw"))
+    eight = plan_run(settings("model=llama2-7b", "method=lora", "optimizer=adamw8bit"))
+    n = adamw.trainable_params
+    assert adamw.memory[0].optimizer_states == n * 2 * 4
+    assert eight.memory[0].optimizer_states == math.ceil(n * 2 * (1 + 4 / 256))
+    tiny = plan_run(settings("model=tiny-llama", "method=lora", "method.r=2", "optimizer=adamw8bit"))
+    assert tiny.memory[0].optimizer_states == tiny.trainable_params * 2 * 4  # 128-value tensors: fp32
