@@ -307,8 +307,8 @@ def settings_from_config(cfg, run_dir: str):
     from omegaconf import OmegaConf
 
     from ftlab.config import (DataSettings, DryRunSettings, EvalSettings, HardwareSettings,
-                              LoggerSettings, ModelSettings, OptimizerSettings, RunSettings,
-                              SchedulerSettings, build)
+                              LoggerSettings, ModelSettings, MonitorSettings, OptimizerSettings,
+                              RunSettings, SchedulerSettings, build)
 
     raw = OmegaConf.to_container(cfg, resolve=False)
     raw.pop("hydra", None)  # resolving hydra.* needs the job's runtime; ftlab needs none of it
@@ -318,10 +318,14 @@ def settings_from_config(cfg, run_dir: str):
         raise ConfigError(f"cannot resolve the config: {_first_line(err)}") from None
     optimizer_cfg = dict(c["optimizer"])
     try:
-        factory = instantiate(cfg.optimizer)
+        # Plain lists, not ListConfig: an optimizer that keeps ``betas`` as given (bitsandbytes')
+        # would put an omegaconf object into the checkpoint, which torch.load(weights_only=True)
+        # refuses on resume.
+        factory = instantiate(cfg.optimizer, _convert_="all")
     except Exception as err:  # noqa: BLE001
-        raise ConfigError(f"cannot build optimizer {optimizer_cfg.get('_target_')!r}: "
-                          f"{_first_line(err.__cause__ or err)}") from None
+        from ftlab.optim import explain_optimizer_error
+
+        raise ConfigError(explain_optimizer_error(optimizer_cfg.get("_target_"), err)) from None
     logger = dict(c["logger"])
     sweep_name = c.get("sweep_name")
     try:
@@ -348,6 +352,7 @@ def settings_from_config(cfg, run_dir: str):
         dry_run=build(DryRunSettings, c["dry_run"] if isinstance(c["dry_run"], dict)
                       else {"enabled": c["dry_run"]}, "dry_run"),
         checkpoint_every_n_steps=c["checkpoint"]["every_n_steps"],
+        monitor=build(MonitorSettings, c["monitor"], "monitor"),
         sweep_name=sweep_name,
     )
 

@@ -45,8 +45,18 @@ def read_run(run_dir: str | Path):
     return settings_from_config(cfg, str(run_dir)), OmegaConf.to_container(cfg, resolve=True)
 
 
-def trained_artifact(run_dir: Path, settings) -> Path:
-    """The directory ``Method.save`` wrote (``adapter/``, ``model/`` for full fine-tuning)."""
+def trained_artifact(run_dir: Path, settings, best: bool = False) -> Path:
+    """The directory ``Method.save`` wrote (``adapter/``, ``model/`` for full fine-tuning);
+    ``best``: the model of the best validation instead (``best_adapter/`` unless that was the
+    last one; see ``monitor`` in conf/train.yaml)."""
+    if best:
+        from ftlab.resume import read_metrics
+
+        info = read_metrics(Path(run_dir)).get("best") or {}
+        if not info.get("adapter"):
+            raise UserError(f"{run_dir} recorded no best model (monitor.keep_best=false, no validation "
+                            "during training, or the run did not finish); drop --best for the last one")
+        return Path(run_dir) / info["adapter"]
     artifact = Path(run_dir) / ("model" if settings.method["name"] == "full" else "adapter")
     if not artifact.is_dir() or not any(artifact.iterdir()):
         raise UserError(
@@ -76,8 +86,9 @@ class LoadedRun:
     labels: list[str] | None
 
 
-def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
-    """The run's model as it was at the end of training (``base``: the untrained base model)."""
+def load_run(run_dir: str | Path, base: bool = False, best: bool = False) -> LoadedRun:
+    """The run's model as it was at the end of training (``base``: the untrained base model;
+    ``best``: at its best validation)."""
     from ftlab.data import DataModule
     from ftlab.methods.peft_methods import base_quantization
     from ftlab.models import load_model
@@ -85,7 +96,7 @@ def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
     run_dir = Path(run_dir)
     settings, _ = read_run(run_dir)
     method = run_method(settings)
-    artifact = None if base else trained_artifact(run_dir, settings)
+    artifact = None if base else trained_artifact(run_dir, settings, best)
     labels = None
     if settings.data.format == "classification":  # the head's classes, in the run's order
         own = DataModule(settings.data, tokenizer=None)
@@ -106,7 +117,8 @@ def load_run(run_dir: str | Path, base: bool = False) -> LoadedRun:
 
 # -------------------------------------------------------------------------------- evaluation
 def evaluate_run(run_dir: str | Path, data_file: str | None = None, base: bool = False,
-                 max_examples: int | None = None, samples: int | None = None) -> dict[str, Any]:
+                 max_examples: int | None = None, samples: int | None = None,
+                 best: bool = False) -> dict[str, Any]:
     """Score a run (see the module docstring); returns the metrics, printing as it goes."""
     import lightning as L
     import torch
@@ -118,7 +130,7 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, base: bool =
     run_dir = Path(run_dir)
     settings, _ = read_run(run_dir)
     if not base:
-        trained_artifact(run_dir, settings)  # before reading any data
+        trained_artifact(run_dir, settings, best)  # before reading any data
     data_settings = settings.data
     if data_file is not None:
         if not Path(data_file).is_file():
@@ -126,7 +138,7 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, base: bool =
         data_settings = dataclasses.replace(settings.data, path=str(data_file), val_path=str(data_file))
     data = DataModule(data_settings, tokenizer=None)
     data.check_files()  # a file in the wrong format stops here, before any weights load
-    loaded = load_run(run_dir, base=base)
+    loaded = load_run(run_dir, base=base, best=best)
     if data_file is not None and loaded.labels:
         data_settings = dataclasses.replace(data_settings, labels=loaded.labels)
         data = DataModule(data_settings, tokenizer=None)
@@ -151,21 +163,27 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, base: bool =
                         enable_model_summary=False, inference_mode=False,
                         limit_val_batches=s.trainer.get("limit_val_batches", 1.0),
                         default_root_dir=tempfile.gettempdir())  # nothing is written to the run
-    what = "the untrained base model" if base else f"the trained {s.method['name']} model"
+    what = ("the untrained base model" if base else
+            f"the {'best' if best else 'trained'} {s.method['name']} model")
     where = data_file or f"the run's validation split of {s.data.name!r}"
     say(f"ftlab.eval: {what} of {run_dir} on {where}")
     records = data.val_records[: s.eval.max_examples]
     metrics = _evaluate(trainer, module, data, s, records, loaded.tokenizer, "")
-    say(_report(metrics, _reference(run_dir, base) if data_file is None else {}, base))
+    say(_report(metrics, _reference(run_dir, base, best) if data_file is None else {}, base, best))
     return {"run_dir": str(run_dir), "model": "base" if base else "trained",
             "data": str(data_file) if data_file else "validation split", **metrics}
 
 
-def _reference(run_dir: Path, base: bool) -> dict[str, float]:
-    """What the run recorded for the same model and data (before or after training)."""
+def _reference(run_dir: Path, base: bool, best: bool = False) -> dict[str, float]:
+    """What the run recorded for the same model and data (before or after training, or at
+    its best validation)."""
     from ftlab.resume import read_metrics
 
     recorded = read_metrics(run_dir)
+    if best:
+        step = (recorded.get("best") or {}).get("step")
+        point = next((h for h in recorded.get("val_history", []) if h.get("step") == step), {})
+        return {k: v for k, v in point.items() if k.startswith("val_")}
     suffix = "_initial" if base else ""
     if not base and recorded.get("status") != "completed":
         return {}
@@ -174,8 +192,8 @@ def _reference(run_dir: Path, base: bool) -> dict[str, float]:
             and (k.endswith(suffix) if suffix else not k.endswith("_initial"))}
 
 
-def _report(metrics: dict[str, Any], reference: dict[str, float], base: bool) -> str:
-    column = "run (before training)" if base else "run (end of training)"
+def _report(metrics: dict[str, Any], reference: dict[str, float], base: bool, best: bool = False) -> str:
+    column = "run (before training)" if base else "run (best validation)" if best else "run (end of training)"
     lines = ["", f"  {'metric':20} {'value':>10}" + (f"  {column:>22}" if reference else "")]
     for key, value in metrics.items():
         if not key.startswith("val_") or not isinstance(value, (int, float)):
@@ -205,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a test file in the run's data format (default: the run's validation split)")
     parser.add_argument("--base", action="store_true",
                         help="score the untrained base model instead (the run's before-training numbers)")
+    parser.add_argument("--best", action="store_true",
+                        help="score the model of the run's best validation (best_adapter/) instead of the last")
     parser.add_argument("--max-examples", type=int, metavar="N",
                         help="greedy answers to generate and score (default: the run's eval.max_examples)")
     parser.add_argument("--samples", type=int, metavar="K",
@@ -214,8 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_examples is not None and args.max_examples < 1:
         fail("--max-examples must be a positive integer")
     try:
+        if args.base and args.best:
+            fail("--base and --best exclude each other")
         result = evaluate_run(args.run_dir, data_file=args.data, base=args.base,
-                              max_examples=args.max_examples, samples=args.samples)
+                              max_examples=args.max_examples, samples=args.samples, best=args.best)
     except UserError as err:
         fail(str(err))
     if args.json:

@@ -64,16 +64,17 @@ def _refuse_merge(kind: str, method: str) -> None:
             "Export the adapter instead (--adapter OUT; ftlab's own format, loaded by ftlab.eval)")
 
 
-def merge(run_dir: str | Path, out: str | Path) -> Path:
+def merge(run_dir: str | Path, out: str | Path, best: bool = False) -> Path:
     """Write the run's model, adapter merged, as a standalone Hugging Face directory ``out``."""
     from ftlab.eval import read_run, run_method, trained_artifact
     from ftlab.methods.peft_methods import base_quantization
     from ftlab.models import load_model
+    from ftlab.models.loading import auto_class
 
     run_dir, out = Path(run_dir), Path(out)
     settings, _ = read_run(run_dir)
     name = settings.method["name"]
-    artifact = trained_artifact(run_dir, settings)
+    artifact = trained_artifact(run_dir, settings, best)
     kind = adapter_kind(artifact)
     _refuse_merge(kind, name)
     _check_out(out)
@@ -82,8 +83,6 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
 
     if kind == "full":
         from transformers import AutoTokenizer
-
-        from ftlab.models.loading import auto_class
 
         merged = auto_class(settings.model).from_pretrained(str(artifact))
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
@@ -113,17 +112,18 @@ def merge(run_dir: str | Path, out: str | Path) -> Path:
     _write(out, lambda d: (merged.save_pretrained(str(d)), tokenizer.save_pretrained(str(d))))
     n = sum(p.numel() for p in merged.parameters())
     say(f"ftlab.export: wrote {out} ({n:,} parameters, safetensors); load it with "
-        f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+        f"transformers.{auto_class(settings.model).__name__}.from_pretrained({str(out)!r})")
     return out
 
 
-def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
+def export_adapter(run_dir: str | Path, out: str | Path, best: bool = False) -> Path:
     """Copy the run's trained adapter (peft format where it has one) and tokenizer to ``out``."""
     from ftlab.eval import read_run, trained_artifact
+    from ftlab.models.loading import auto_class
 
     run_dir, out = Path(run_dir), Path(out)
     settings, _ = read_run(run_dir)
-    artifact = trained_artifact(run_dir, settings)
+    artifact = trained_artifact(run_dir, settings, best)
     kind = adapter_kind(artifact)
     _check_out(out)
     base = _base_location(settings)
@@ -138,11 +138,12 @@ def export_adapter(run_dir: str | Path, out: str | Path) -> Path:
 
     _write(out, copy)
     if kind == "full":
-        how = f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})"
+        how = f"transformers.{auto_class(settings.model).__name__}.from_pretrained({str(out)!r})"
     elif kind == "bottleneck":
         how = "ftlab (its own format: bottleneck_adapter.json + .safetensors)"
     else:
-        how = (f"peft.AutoPeftModelForCausalLM.from_pretrained({str(out)!r})" if base else
+        peft_auto = "AutoPeftModelForSequenceClassification" if settings.model.task == "seq_cls" else "AutoPeftModelForCausalLM"
+        how = (f"peft.{peft_auto}.from_pretrained({str(out)!r})" if base else
                f"peft.PeftModel.from_pretrained(<the base model>, {str(out)!r}) (the base was built "
                "in code, so no path to it is recorded)")
     say(f"ftlab.export: wrote {out} ({kind.replace('peft:', 'peft ')} adapter of method "
@@ -157,6 +158,10 @@ def _base_location(settings) -> str | None:
         return str(Path(m.path).expanduser().resolve())
     if m.source == "hub":
         return m.hub_id
+    if m.source == "package":
+        from ftlab.models.loading import _package_dir
+
+        return str(_package_dir(m))
     if m.source == "gguf_package":
         from ftlab.models.loading import _gguf_cache_dir
 
@@ -211,14 +216,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="the run directory (holds config.yaml and adapter/ or model/)")
     parser.add_argument("--merge", metavar="OUT", help="write a standalone model with the adapter merged")
     parser.add_argument("--adapter", metavar="OUT", help="write the adapter (peft format) and tokenizer")
+    parser.add_argument("--best", action="store_true",
+                        help="export the model of the run's best validation (best_adapter/) instead of the last")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.merge and not args.adapter:
         fail("python -m ftlab.export: give --merge OUT and/or --adapter OUT")
     try:
         if args.adapter:
-            export_adapter(args.run_dir, args.adapter)
+            export_adapter(args.run_dir, args.adapter, best=args.best)
         if args.merge:
-            merge(args.run_dir, args.merge)
+            merge(args.run_dir, args.merge, best=args.best)
     except UserError as err:
         fail(str(err))
 

@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from ftlab.config import RunSettings
+from ftlab.config import RunSettings, check_warmup
 from ftlab.data import DataModule
 from ftlab.errors import ConfigError
 from ftlab.evaluate import score_generation
@@ -35,6 +35,7 @@ from ftlab.methods.peft_methods import base_quantization, check_quantized_base
 from ftlab.metrics import peak_memory_mb
 from ftlab.models import check_available, load_model, meta_model
 from ftlab.module import FinetuneModule
+from ftlab.optim import check_optimizer
 from ftlab.resume import (AtomicCheckpointIO, ResumePoint, RunState, checkpoint_identity, own_generator,
                           resumable_loader)
 from ftlab.summary import parameter_summary
@@ -70,6 +71,7 @@ def preflight(s: RunSettings):
     check_quantized_base(method, s.model.quantization, s.hardware.accelerator if here else "cpu",
                          s.hardware.strategy)
     check_hardware(s.hardware, meta=meta, here=here)
+    check_optimizer(s.optimizer, s.hardware, here=here)  # a paged optimizer needs CUDA
     if here:
         check_available(s.model)
     if s.data.packing and getattr(getattr(method, "peft_config", None), "is_prompt_learning", False):
@@ -110,6 +112,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     say(data.describe())
 
     total_steps = _total_steps(s, data.num_train_rows)
+    check_warmup(s.scheduler, total_steps)  # (runs sized in steps were checked with the config)
     model = method.apply(model, total_steps)
     keep_trainable_in_fp32(model, s.hardware.precision)
     trainable, total = count_parameters(model)
@@ -173,6 +176,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
             _save_atomically(lambda d: (method.save(module.model, d), tokenizer.save_pretrained(d)),
                              run_dir / ("model" if s.method["name"] == "full" else "adapter"))
 
+    result["best"] = _keep_best(trainer, module, method, tokenizer, s, run_dir, writer)
     result.update(module.throughput())
     result.update({
         "status": "completed",
@@ -189,6 +193,44 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     say(_final_report(result))
     finish_logger(logger, s.logger, result)
     return result
+
+
+def _keep_best(trainer, module, method, tokenizer, s: RunSettings, run_dir: Path, writer: bool):
+    """Report the best validation of the run (``monitor``) next to the last, and write the best
+    model's adapter to ``best_adapter/`` when it is not the last one. Returns what metrics.json
+    keeps under ``best`` (None with ``monitor.keep_best=false``)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    m = s.monitor
+    best = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint) and c.monitor == m.metric), None)
+    if best is None:
+        return None
+    if not best.best_model_path:
+        say(f"No best checkpoint: no validation ran during training, so {m.metric} was never "
+            f"logged (trainer.val_check_interval={s.trainer.get('val_check_interval')})")
+        return {"metric": m.metric, "mode": m.direction, "checkpoint": None}
+    key, value = m.metric.replace("/", "_"), float(best.best_model_score)
+    step = next((h["step"] for h in module.val_history if h["step"] > 0 and key in h
+                 and math.isclose(h[key], value, rel_tol=1e-6, abs_tol=1e-12)), None)
+    last_step = int(trainer.global_step)
+    artifact = "model" if s.method["name"] == "full" else "adapter"
+    info = {"metric": m.metric, "mode": m.direction, "value": value, "step": step,
+            "checkpoint": str(Path(best.best_model_path).relative_to(run_dir)),
+            "adapter": artifact if step == last_step else None, "last_step": last_step,
+            "stopped_early": bool(s.max_steps > 0 and last_step < s.max_steps)}
+    if step != last_step and trainer.world_size == 1:
+        # The trainable weights and method state of the best validation, over the same base.
+        ckpt = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(ckpt["state_dict"], strict=False)
+        module.on_load_checkpoint(ckpt)
+        info["adapter"] = f"best_{artifact}"
+        if writer:
+            _save_atomically(lambda d: (method.save(module.model, d), tokenizer.save_pretrained(d)),
+                             run_dir / info["adapter"])
+    say(f"Best {m.metric} {value:.4g} at step {step} ({info['checkpoint']}"
+        + (f", {info['adapter']}/" if info["adapter"] else "") + f"); last at step {last_step}"
+        + (" (stopped early)" if info["stopped_early"] else ""))
+    return info
 
 
 def _dry_run(s: RunSettings, method) -> dict[str, Any]:
@@ -222,6 +264,7 @@ def _trainer(s: RunSettings, run_dir: Path, logger, model=None, callbacks=()) ->
                                          auto_insert_metric_name=False,
                                          every_n_train_steps=s.checkpoint_every_n_steps,
                                          save_top_k=1, save_last=False))
+    callbacks += _monitor_callbacks(s, run_dir)
     # inference_mode=False: metric states live across validate() and fit(); no_grad is enough.
     kwargs = dict(num_sanity_val_steps=0, enable_model_summary=False, inference_mode=False)
     kwargs.update(s.trainer)
@@ -232,6 +275,22 @@ def _trainer(s: RunSettings, run_dir: Path, logger, model=None, callbacks=()) ->
         callbacks=callbacks, default_root_dir=str(run_dir), **kwargs,
         plugins=[AtomicCheckpointIO()],  # temp name + rename: a kill mid-write keeps the old file
     )
+
+
+def _monitor_callbacks(s: RunSettings, run_dir: Path) -> list:
+    """The best checkpoint (``checkpoints/best.ckpt``) and early stopping, on ``monitor.metric``."""
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    m, out = s.monitor, []
+    if m.keep_best and s.trainer.get("enable_checkpointing", True) is not False:
+        out.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=m.metric,
+                                  mode=m.direction, save_top_k=1, save_last=False,
+                                  auto_insert_metric_name=False, enable_version_counter=False))
+    if m.patience is not None:
+        # check_on_train_epoch_end=False: judge after each validation, which may fall mid-epoch.
+        out.append(EarlyStopping(monitor=m.metric, mode=m.direction, patience=m.patience,
+                                 min_delta=m.min_delta, check_on_train_epoch_end=False, strict=True))
+    return out
 
 
 # Validation scores the module logs: loss, then perplexity and next-token accuracy (language
@@ -254,10 +313,13 @@ def _evaluate(trainer, module, data, s: RunSettings, records, tokenizer, suffix:
                                data.references(records), s.eval.max_new_tokens, s.data.eval_batch_size)
         out[f"val_exact_match{suffix}"] = gen.exact_match
         out[f"val_answer_f1{suffix}"] = gen.f1
+        out[f"val_bleu{suffix}"] = gen.bleu
+        out[f"val_rouge_l{suffix}"] = gen.rouge_l
         out[f"samples{suffix}"] = [{"prompt": p, "prediction": y, "reference": r}
                                    for p, y, r in list(zip(gen.prompts, gen.predictions, gen.references))[: s.eval.show_samples]]
         say(f"Held-out ({len(data.val_set)} examples): {shown}, exact match {gen.exact_match:.1%}, "
-            f"answer F1 {gen.f1:.1%} on {len(records)} greedy answers")
+            f"answer F1 {gen.f1:.1%}, BLEU {gen.bleu:.1%}, ROUGE-L {gen.rouge_l:.1%} "
+            f"on {len(records)} greedy answers")
         for sample in out[f"samples{suffix}"]:
             say(f"  {sample['prompt'][:60]!r:64} -> {sample['prediction'][:40]!r} (ref {sample['reference']!r})")
     else:
@@ -270,6 +332,7 @@ def _final_report(r: dict[str, Any]) -> str:
              f"  {'':18} {'before':>10} {'after':>10}"]
     for key, fmt in (("val_loss", "{:.4f}"), ("val_perplexity", "{:.2f}"), ("val_token_accuracy", "{:.1%}"),
                      ("val_exact_match", "{:.1%}"), ("val_answer_f1", "{:.1%}"),
+                     ("val_bleu", "{:.1%}"), ("val_rouge_l", "{:.1%}"),
                      ("val_accuracy", "{:.1%}"), ("val_f1", "{:.1%}")):
         if key in r:
             before = r.get(f"{key}_initial")

@@ -18,7 +18,8 @@ def _one_thread():
     yield from one_thread()
 
 
-GENERATIVE = ("val_loss", "val_perplexity", "val_token_accuracy", "val_exact_match", "val_answer_f1")
+GENERATIVE = ("val_loss", "val_perplexity", "val_token_accuracy", "val_exact_match", "val_answer_f1",
+              "val_bleu", "val_rouge_l")
 
 
 def recorded(run: Path) -> dict:

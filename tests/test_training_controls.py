@@ -1,0 +1,121 @@
+"""Training controls: the best checkpoint next to the last, early stopping, and the checks that
+refuse a monitor or a schedule that cannot work, before training."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from conftest import TINY, assert_usage_error, run_cli
+
+# A learning rate too large for the tiny model: validation loss falls for a few steps, then
+# rises, so the best validation is not the last one.
+DIVERGING = [*TINY, "trainer.max_steps=60", "trainer.val_check_interval=3", "optimizer.lr=3.0",
+             "scheduler.name=constant", "checkpoint.every_n_steps=null"]
+
+
+def metrics(run) -> dict:
+    return json.loads((run / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    run = tmp_path_factory.mktemp("early") / "run"
+    proc = run_cli(*DIVERGING, "monitor.patience=2", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run, proc
+
+
+def test_early_stopping_stops_after_patience_validations_without_improvement(stopped):
+    run, proc = stopped
+    m = metrics(run)
+    losses = [(h["step"], h["val_loss"]) for h in m["val_history"] if h["step"] > 0]
+    best_i = min(range(len(losses)), key=lambda i: losses[i][1])
+    # Stopped exactly `patience` validations after the best one, well before max_steps.
+    assert len(losses) - 1 - best_i == 2, losses
+    assert m["steps"] == losses[-1][0] < 60
+    assert m["best"]["stopped_early"] is True
+    assert "stopped early" in proc.stdout
+
+
+def test_best_checkpoint_is_the_best_validation_and_its_adapter_is_kept(stopped):
+    run, _ = stopped
+    m = metrics(run)
+    history = [h for h in m["val_history"] if h["step"] > 0]
+    best = min(history, key=lambda h: h["val_loss"])
+    assert m["best"]["step"] == best["step"] < m["best"]["last_step"]
+    assert math.isclose(m["best"]["value"], best["val_loss"], rel_tol=1e-6)
+    assert (run / m["best"]["checkpoint"]).is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert m["best"]["adapter"] == "best_adapter"
+    assert (run / "best_adapter" / "adapter_config.json").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()  # the last one, as always
+
+
+def test_eval_best_reproduces_the_best_validation(stopped):
+    run, _ = stopped
+    proc = run_cli(str(run), "--best", f"--json={run}/best_eval.json", module="ftlab.eval")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    scored = json.loads((run / "best_eval.json").read_text())
+    assert math.isclose(scored["val_loss"], metrics(run)["best"]["value"], rel_tol=1e-5)
+    last = run_cli(str(run), f"--json={run}/last_eval.json", module="ftlab.eval")
+    assert last.returncode == 0
+    assert json.loads((run / "last_eval.json").read_text())["val_loss"] > scored["val_loss"]
+
+
+def test_when_the_last_validation_is_best_no_second_adapter_is_written(tmp_path):
+    proc = run_cli(*TINY, "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = metrics(tmp_path / "run")
+    history = [h["val_loss"] for h in m["val_history"] if h["step"] > 0]
+    if m["best"]["step"] == m["steps"]:
+        assert m["best"]["adapter"] == "adapter" and not (tmp_path / "run" / "best_adapter").exists()
+    else:  # a random tiny model may also get worse at the end
+        assert m["best"]["value"] == pytest.approx(min(history), rel=1e-6)
+
+
+def test_classification_monitors_accuracy_and_maximises_it(tmp_path):
+    proc = run_cli(*TINY, "model=tiny-bert", "data=classification", "trainer.max_steps=6",
+                   "monitor.metric=val/accuracy", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = metrics(tmp_path / "run")
+    assert m["best"]["mode"] == "max"
+    history = [h["val_accuracy"] for h in m["val_history"] if h["step"] > 0]
+    assert m["best"]["value"] == pytest.approx(max(history))
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("args,needles", [
+    (["monitor.metric=val/accuracy"], ["monitor.metric=val/accuracy is never logged", "data.format=instruction",
+                                      "val/perplexity"]),
+    (["monitor.metric=val/los"], ["monitor.metric='val/los' is not a metric ftlab logs", "did you mean"]),
+    (["monitor.patience=2", "trainer.val_check_interval=10"],
+     ["trainer.val_check_interval=10 is more than trainer.max_steps=3", "never logged"]),
+    (["monitor.patience=2", "trainer.limit_val_batches=0"], ["limit_val_batches=0"]),
+    (["monitor.patience=0"], ["monitor.patience"]),
+    (["monitor.mode=up"], ["monitor.mode"]),
+    (["scheduler.warmup_steps=3"], ["scheduler.warmup_steps=3 warms up for 3 optimizer steps",
+                                    "the run takes 3"]),
+    (["scheduler.warmup_ratio=1.0"], ["scheduler.warmup_ratio"]),
+], ids=["metric-not-logged", "metric-typo", "no-validation-in-time", "validation-off", "patience-0",
+        "mode", "warmup-steps", "warmup-ratio"])
+def test_bad_monitor_or_schedule_is_refused_before_training(args, needles, tmp_path):
+    proc = run_cli(*TINY, *args, f"hydra.run.dir={tmp_path}/run")
+    assert_usage_error(proc, *needles)
+    assert not (tmp_path / "run" / "metrics.json").exists()  # nothing trained
+
+
+def test_warmup_longer_than_an_epoch_sized_run_is_refused(tmp_path):
+    """Sized in epochs, the step count is known once the data is: still refused before training."""
+    proc = run_cli(*TINY, "trainer.max_steps=-1", "trainer.max_epochs=1", "scheduler.warmup_steps=500",
+                   f"hydra.run.dir={tmp_path}/run")
+    assert_usage_error(proc, "scheduler.warmup_steps=500", "optimizer steps")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_eval_best_without_a_best_model_is_refused(tmp_path):
+    proc = run_cli(*TINY, "monitor.keep_best=false", f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert metrics(tmp_path / "run")["best"] is None
+    assert_usage_error(run_cli(str(tmp_path / "run"), "--best", module="ftlab.eval"), "no best model")
