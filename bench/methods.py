@@ -73,10 +73,30 @@ def compose_settings(model: str, method: str, overrides: list[str], batch_size: 
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model}", f"method={method}", *overrides, "optimizer=adamw",
+        from omegaconf import OmegaConf
+
+        heads = OmegaConf.load(config_dir() / "model" / f"{model}.yaml").get("tasks", ["causal_lm"])
+        data = [] if "causal_lm" in heads else ["data=classification"]  # an encoder classifies
+        cfg = compose("train", overrides=[f"model={model}", *data, f"method={method}", *overrides, "optimizer=adamw",
                                           "hardware=cpu", "logger=none", f"data.batch_size={batch_size}"])
     GlobalHydra.instance().clear()
     return settings_from_config(cfg, run_dir)
+
+
+def classification_batch(tokenizer, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """For a classifier (``task: seq_cls``): the same built-in text, ``batch_size`` rows of
+    ``seq_len`` tokens packed back to back, one label per row, so its step is timed on the same
+    number of tokens as a language model's."""
+    from ftlab.data.records import builtin_dir
+
+    text = " ".join(" ".join(str(v) for v in json.loads(line).values())
+                    for line in (builtin_dir() / "tasks.jsonl").read_text().splitlines() if line.strip())
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    need = batch_size * seq_len
+    ids = (ids * (need // len(ids) + 1))[:need]
+    input_ids = torch.tensor(ids).view(batch_size, seq_len)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+            "labels": torch.arange(batch_size) % 2}
 
 
 def _tensors_in(obj, depth: int = 0):
@@ -119,8 +139,10 @@ def measure_one(args: argparse.Namespace) -> dict:
         method = preflight(s)
         quantization = base_quantization(method, s.model.quantization)  # QLoRA: nf4
         model_settings = dataclasses.replace(s.model, quantization=quantization)
-        model, tokenizer = load_model(model_settings, seed=s.seed)
-        batch = fixed_batch(s, tokenizer, args.batch_size, args.seq_len)
+        labels = ["negative", "positive"] if s.model.task == "seq_cls" else None
+        model, tokenizer = load_model(model_settings, seed=s.seed, labels=labels)
+        batch = (fixed_batch(s, tokenizer, args.batch_size, args.seq_len) if labels is None
+                 else classification_batch(tokenizer, args.batch_size, args.seq_len))
     if s.hardware.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     base_ids = {id(p) for p in model.parameters()}
