@@ -51,6 +51,26 @@ class Method(Protocol):
         """Load what :meth:`save` wrote onto a freshly loaded base ``model``."""
 
 
+class PlainHooks:
+    """The hooks of a method that adds nothing to the training loop: the two usual parameter
+    groups, nothing to do after an optimizer step, no state of its own to checkpoint.
+
+    A method lists it as a base only for these defaults and overrides what it needs (LoRA+ its
+    groups, Delta-LoRA its after-step update); it is not a place for shared behaviour."""
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        return default_param_groups(model, lr, weight_decay)
+
+    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 

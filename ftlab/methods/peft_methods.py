@@ -19,7 +19,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ftlab.errors import ConfigError, check_choice, check_fraction, check_positive, did_you_mean
-from ftlab.methods.base import default_param_groups, trainable_parameters
+from ftlab.methods.base import PlainHooks, default_param_groups, trainable_parameters
 from ftlab.methods.registry import register
 
 
@@ -302,7 +302,7 @@ def _fmt(targets) -> str:
 
 
 @dataclass
-class FullFinetune:
+class FullFinetune(PlainHooks):
     """Full fine-tuning: every weight trains; saved as a complete model directory."""
 
     name: str = "full"
@@ -316,18 +316,6 @@ class FullFinetune:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        return default_param_groups(model, lr, weight_decay)
-
-    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(str(directory))

@@ -34,7 +34,7 @@ which :meth:`BottleneckAdapters.load` reads back.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import ConfigError, check_choice, check_positive
-from ftlab.methods.base import default_param_groups, freeze
+from ftlab.methods.base import PlainHooks, freeze
 from ftlab.methods.native.common import (
     adapter_dtype,
     classification_heads,
@@ -96,7 +96,7 @@ def auto_targets(model: nn.Module) -> list[str]:
 
 
 @dataclass
-class BottleneckAdapters:
+class BottleneckAdapters(PlainHooks):
     """Houlsby adapters after the attention and feed-forward sublayers (module docstring)."""
 
     bottleneck: int = 64
@@ -105,7 +105,6 @@ class BottleneckAdapters:
     target_modules: Any = "auto"
     name: str = "adapter"
     base_quantization: str | None = None
-    state: dict[str, Any] = field(default_factory=dict)
 
     def _targets(self, model: nn.Module):
         return auto_targets(model) if self.target_modules == "auto" else self.target_modules
@@ -120,18 +119,6 @@ class BottleneckAdapters:
             layer, self.bottleneck, self.nonlinearity, self.init_scale))
         train_heads(model)
         return model
-
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        return default_param_groups(model, lr, weight_decay)
-
-    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = dict(state)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """``bottleneck_adapter.safetensors`` (adapter tensors by module path) and

@@ -24,6 +24,30 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
+class MergeableDelta:
+    """``merge`` / ``unmerge`` of an adapter layer whose update is a weight delta: ``W <- W + dW``
+    and back, in place, where ``dW = get_delta_weight()`` is in the base weight's layout. While
+    merged, the layer's forward returns the base layer's output alone."""
+
+    merged: bool
+    base_layer: nn.Module
+
+    def get_delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base_layer.weight += self.get_delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight -= self.get_delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+
 def conv1d_type():
     from transformers.pytorch_utils import Conv1D
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from ftlab.errors import ConfigError
-from ftlab.methods.base import default_param_groups, freeze
+from ftlab.methods.base import PlainHooks, freeze
 from ftlab.methods.native.common import (
     PEFT_PREFIX,
+    MergeableDelta,
     adapter_dtype,
     conv1d_type,
     find_targets,
@@ -46,7 +47,7 @@ from ftlab.methods.native.common import (
 )
 
 
-class LoraLinear(nn.Module):
+class LoraLinear(MergeableDelta, nn.Module):
     """``base_layer(x) + s * lora_B(lora_A(lora_dropout(x)))`` around an ``nn.Linear`` or
     ``Conv1D``; ``merge()`` folds ``s B A`` into the base weight, ``unmerge()`` takes it out."""
 
@@ -75,18 +76,6 @@ class LoraLinear(nn.Module):
         """``s B A`` in the base weight's layout (out x in; in x out for ``Conv1D``)."""
         delta = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         return delta.T if self.fan_in_fan_out else delta
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base_layer.weight += self.get_delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base_layer.weight -= self.get_delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -130,7 +119,7 @@ def peft_lora_config(model: nn.Module, r: int, alpha: float, dropout: float, use
 
 
 @dataclass
-class NativeLora:
+class NativeLora(PlainHooks):
     """LoRA with ftlab's own layers (see the module docstring).
 
     ``train_A=False`` freezes A after injection (what LoRA-FA builds on)."""
@@ -143,7 +132,6 @@ class NativeLora:
     train_A: bool = True
     name: str = "lora"
     base_quantization: str | None = None
-    state: dict[str, Any] = field(default_factory=dict)
 
     def check(self, model: nn.Module) -> None:
         find_targets(model, self.target_modules)
@@ -158,18 +146,6 @@ class NativeLora:
             for layer in lora_layers(model).values():
                 layer.lora_A.weight.requires_grad_(False)
         return model
-
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        return default_param_groups(model, lr, weight_decay)
-
-    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = dict(state)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """peft's LoRA adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``."""

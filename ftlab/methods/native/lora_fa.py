@@ -34,7 +34,7 @@ Saved in peft's LoRA format (A and B): a LoRA-FA adapter loads in plain peft as 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import check_choice
-from ftlab.methods.base import default_param_groups
+from ftlab.methods.base import PlainHooks
 from ftlab.methods.native.lora import NativeLora, lora_layers
 from ftlab.methods.peft_methods import check_low_rank, check_targets
 from ftlab.methods.registry import register
@@ -51,7 +51,7 @@ VARIANTS = ("paper", "peft_optimizer")
 
 
 @dataclass
-class LoraFA:
+class LoraFA(PlainHooks):
     """LoRA with A frozen after its random init; B alone trains (module docstring)."""
 
     r: int = 8
@@ -61,7 +61,6 @@ class LoraFA:
     variant: str = "paper"
     name: str = "lora_fa"
     base_quantization: str | None = None
-    state: dict[str, Any] = field(default_factory=dict)
 
     def _lora(self) -> NativeLora:
         return NativeLora(r=self.r, alpha=self.alpha, dropout=self.dropout,
@@ -72,9 +71,6 @@ class LoraFA:
 
     def apply(self, model: nn.Module, total_steps: int = 0) -> nn.Module:
         return self._lora().apply(model)
-
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        return default_param_groups(model, lr, weight_decay)
 
     def build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
         """peft's ``LoraFAOptimizer`` for ``variant=peft_optimizer``; None (the configured
@@ -100,15 +96,6 @@ class LoraFA:
         group = {"params": params, "names": names, "scaling_factors": scalings, "lr": lr,
                  "betas": (0.9, 0.999), "weight_decay": weight_decay}
         return LoraFAOptimizer([group])
-
-    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = dict(state)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """peft's LoRA format: ``PeftModel.from_pretrained`` reads it as a LoRA adapter."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab.errors import ConfigError, check_fraction, check_positive
-from ftlab.methods.base import default_param_groups, freeze
+from ftlab.methods.base import PlainHooks, freeze
 from ftlab.methods.native.common import (
     PEFT_PREFIX,
+    MergeableDelta,
     adapter_dtype,
     conv1d_type,
     find_targets,
@@ -78,7 +79,7 @@ class VeraProjections(nn.Module):
         self.register_buffer("vera_B", vera_B, persistent=False)
 
 
-class VeraLinear(nn.Module):
+class VeraLinear(MergeableDelta, nn.Module):
     """``base_layer(x) + b * (B_s (d * (A_s dropout(x))))`` with A_s, B_s the slices of the
     shared projections that fit this layer."""
 
@@ -108,18 +109,6 @@ class VeraLinear(nn.Module):
         delta = (self.vera_lambda_b[:, None] * b) @ (self.vera_lambda_d[:, None] * a)
         return delta.T if self.fan_in_fan_out else delta
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base_layer.weight += self.get_delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base_layer.weight -= self.get_delta_weight().to(self.base_layer.weight.dtype)
-            self.merged = False
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.merged:
@@ -138,7 +127,7 @@ def vera_layers(model: nn.Module) -> dict[str, VeraLinear]:
 
 
 @dataclass
-class NativeVera:
+class NativeVera(PlainHooks):
     """VeRA with ftlab's own layers (see the module docstring)."""
 
     r: int = 256
@@ -149,7 +138,6 @@ class NativeVera:
     save_projection: bool = True
     name: str = "vera"
     base_quantization: str | None = None
-    state: dict[str, Any] = field(default_factory=dict)
 
     def check(self, model: nn.Module) -> None:
         find_targets(model, self.target_modules)
@@ -171,18 +159,6 @@ class NativeVera:
             layer, shared, self.r, self.d_initial, self.dropout))
         train_heads(model)
         return model
-
-    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        return default_param_groups(model, lr, weight_decay)
-
-    def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return dict(self.state)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.state = dict(state)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """peft's VeRA format; the shared A, B are included when ``save_projection``."""
