@@ -9,8 +9,9 @@ that directory:
   method, r, alpha, precision/quantization, trainable parameters, final validation loss and
   task metric, tokens/s, peak memory, wall time and status;
 - ``val_loss_curves.png``: validation loss against optimizer step for every completed job;
-- ``pareto.png``: task metric (or validation loss) against trainable parameters on a log
-  scale, with the Pareto front marked: the jobs no other job beats on both quality and size.
+- ``pareto.png``: task metric (exact match for instruction and chat data, accuracy for
+  classification; validation loss where the jobs share neither) against trainable parameters on
+  a log scale, with the Pareto front marked: the jobs no other job beats on both quality and size.
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from typing import Any
 from ftlab.errors import UserError
 
 COLUMNS = ["job", "method", "r", "alpha", "precision", "quantization", "trainable_params",
-           "val_loss", "val_exact_match", "tokens_per_second", "peak_memory_mb", "wall_time_s",
-           "status", "error"]
+           "val_loss", "val_exact_match", "val_answer_f1", "val_accuracy", "val_f1",
+           "tokens_per_second", "peak_memory_mb", "wall_time_s", "status", "error"]
+# Shown in the printed table only when some job has them: the task metrics of generation data
+# (exact match, answer F1) and of classification data (accuracy, macro F1), and failures.
+OPTIONAL = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1", "error")
+# The task metric the Pareto plot puts against trainable parameters, in order of preference:
+# the first one every completed job has (all higher-is-better); else validation loss.
+TASK_METRICS = (("val_exact_match", "exact match"), ("val_accuracy", "accuracy"))
+PERCENT = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1")
 
 
 @dataclass
@@ -78,7 +86,7 @@ def _natural(path: Path) -> list:
 def _fmt(value: Any, column: str) -> str:
     if value is None:
         return ""
-    if column == "val_exact_match":
+    if column in PERCENT:
         return f"{100 * value:.1f}%"
     if column == "trainable_params":
         return f"{value:,}"
@@ -147,10 +155,11 @@ def plot_pareto(jobs: list[Job], out: Path) -> str:
     import matplotlib.pyplot as plt
 
     done = [j for j in jobs if j.metrics.get("status") == "completed" and j.metrics.get("trainable_params")]
-    use_em = bool(done) and all(j.metrics.get("val_exact_match") is not None for j in done)
-    key, label = ("val_exact_match", "exact match") if use_em else ("val_loss", "validation loss")
+    key, label = next(((k, name) for k, name in TASK_METRICS
+                       if done and all(j.metrics.get(k) is not None for j in done)),
+                      ("val_loss", "validation loss"))
     points = [(float(j.metrics["trainable_params"]), float(j.metrics[key])) for j in done]
-    front = set(pareto_front(points, higher_is_better=use_em))
+    front = set(pareto_front(points, higher_is_better=key != "val_loss"))
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (job, (x, y)) in enumerate(zip(done, points)):
         ax.scatter([x], [y], s=40, color="tab:red" if i in front else "tab:blue", zorder=3)
@@ -176,7 +185,8 @@ def report(directory: Path, columns: list[str] | None = None) -> str:
     directory = Path(directory)
     jobs = collect(directory)
     rows = [j.row() for j in jobs]
-    columns = columns or [c for c in COLUMNS if c != "error" or any(r.get("error") for r in rows)]
+    columns = columns or [c for c in COLUMNS
+                          if c not in OPTIONAL or any(r.get(c) is not None and r.get(c) != "" for r in rows)]
     with open(directory / "report.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()

@@ -68,6 +68,27 @@ def test_report_plots_are_valid_pngs(sweep):
         assert image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_a_classification_sweep_reports_accuracy_and_plots_it(tmp_path):
+    """On classification data the task metric is accuracy: in the table (with macro F1) and on
+    the Pareto plot's axis; the exact-match column of generation data is left out."""
+    from ftlab.report import collect, plot_pareto
+
+    sweep_dir = tmp_path / "cls"
+    proc = run_cli("-m", *TINY, "model=tiny-bert", "data=classification", "method=lora,ia3",
+                   f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_cli(str(sweep_dir), module="ftlab.report")
+    assert proc.returncode == 0, proc.stderr
+    header, _, *rows = [l for l in proc.stdout.splitlines() if l.startswith("|")]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert "val_accuracy" in columns and "val_f1" in columns and "val_exact_match" not in columns
+    for row in rows:
+        cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
+        m = json.loads((sweep_dir / cells["job"] / "metrics.json").read_text())
+        assert cells["val_accuracy"] == f"{100 * m['val_accuracy']:.1f}%"
+    assert plot_pareto(collect(sweep_dir), tmp_path / "p.png") == "val_accuracy"
+
+
 def test_pareto_front():
     from ftlab.report import pareto_front
 
