@@ -7,29 +7,15 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ftlab.errors import ConfigError
 from ftlab.methods import build_method, count_parameters
 from ftlab.methods.native.lora import lora_layers
 
+from .tiny import plain_batch, plain_model
+
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"]}
 R, ALPHA, LAM, K, STEPS = 4, 8, 2.0, 2, 7
-
-
-def tiny(arch: str):
-    torch.manual_seed(0)
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0))
-
-
-def batch():
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": ids, "labels": ids}
 
 
 def method(arch: str, **kw):
@@ -45,7 +31,7 @@ def train_by_hand(m, model, steps: int):
     assert not any(id(p) in frozen for g in optimizer.param_groups for p in g["params"])
     factors = [{n: (l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone()) for n, l in layers.items()}]
     weights = [{n: l.base_layer.weight.detach().clone() for n, l in layers.items()}]
-    b = batch()
+    b = plain_batch()
     for step in range(1, steps + 1):
         model(**b).loss.backward()
         assert all(layer.base_layer.weight.grad is None for layer in layers.values())
@@ -62,7 +48,7 @@ def train_by_hand(m, model, steps: int):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_W_follows_the_paper_update_step_by_step(arch):
     m = method(arch)
-    model = m.apply(tiny(arch), STEPS)
+    model = m.apply(plain_model(arch), STEPS)
     factors, weights = train_by_hand(m, model, STEPS)
     s = ALPHA / R
     expected = copy.deepcopy(weights[0])
@@ -86,7 +72,7 @@ def test_W_follows_the_paper_update_step_by_step(arch):
 
 
 def test_only_A_B_train_and_nothing_else_moves():
-    base = tiny("llama")
+    base = plain_model("llama")
     m = method("llama")
     model = m.apply(copy.deepcopy(base), STEPS)
     layers = lora_layers(model)
@@ -103,13 +89,13 @@ def test_only_A_B_train_and_nothing_else_moves():
 
 def test_zero_update_ratio_is_plain_lora():
     m = method("llama", update_ratio=0)
-    model = m.apply(tiny("llama"), STEPS)
+    model = m.apply(plain_model("llama"), STEPS)
     _, weights = train_by_hand(m, model, STEPS)
     assert all(torch.equal(weights[-1][n], weights[0][n]) for n in weights[0])
 
 
 def test_state_dict_restores_W_on_a_fresh_base():
-    base = tiny("llama")
+    base = plain_model("llama")
     m = method("llama")
     model = m.apply(copy.deepcopy(base), STEPS)
     train_by_hand(m, model, STEPS)
@@ -124,7 +110,7 @@ def test_state_dict_restores_W_on_a_fresh_base():
     for name, layer in lora_layers(model).items():
         torch.testing.assert_close(lora_layers(model2)[name].base_layer.weight, layer.base_layer.weight,
                                    atol=1e-6, rtol=0)
-    b = batch()
+    b = plain_batch()
     with torch.no_grad():
         torch.testing.assert_close(model2(**b).logits, model(**b).logits, atol=1e-5, rtol=0)
     assert m2.step == STEPS
@@ -132,11 +118,11 @@ def test_state_dict_restores_W_on_a_fresh_base():
 
 @pytest.mark.parametrize("steps", [K, STEPS])  # before W moves: rank r; after: rank 2r
 def test_save_is_a_peft_lora_adapter_of_the_whole_change(steps, tmp_path):
-    base = tiny("llama")
+    base = plain_model("llama")
     m = method("llama")
     model = m.apply(copy.deepcopy(base), steps)
     train_by_hand(m, model, steps)
-    b = batch()
+    b = plain_batch()
     with torch.no_grad():
         expected = model(**b).logits
     m.save(model, tmp_path)

@@ -8,28 +8,14 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ftlab.errors import ConfigError
 from ftlab.methods import build_method, count_parameters
 from ftlab.methods.native.lora import LoraLinear, lora_layers
 
+from .tiny import plain_batch, plain_model
+
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
-
-
-def tiny(arch: str):
-    torch.manual_seed(0)
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0))
-
-
-def batch():
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": ids, "labels": ids}
 
 
 def native_lora(arch: str, **kw):
@@ -61,7 +47,7 @@ def copy_peft_into_native(peft_model, native) -> int:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_same_outputs_and_gradients_as_peft(arch):
-    base = tiny(arch)
+    base = plain_model(arch)
     reference = peft_lora(copy.deepcopy(base), arch)
     native = native_lora(arch).apply(copy.deepcopy(base), 0)
     layers = lora_layers(native)
@@ -69,7 +55,7 @@ def test_same_outputs_and_gradients_as_peft(arch):
     if arch == "gpt2":
         assert all(layer.fan_in_fan_out for layer in layers.values())
 
-    b = batch()
+    b = plain_batch()
     out_ref, out_nat = reference(**b), native(**b)
     torch.testing.assert_close(out_nat.logits, out_ref.logits, atol=1e-5, rtol=0)
     out_ref.loss.backward()
@@ -86,7 +72,7 @@ def test_same_outputs_and_gradients_as_peft(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_trainable_count_equals_peft_and_formula(arch):
-    base = tiny(arch)
+    base = plain_model(arch)
     native = native_lora(arch).apply(copy.deepcopy(base), 0)
     reference = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[arch],
                                                                fan_in_fan_out=arch == "gpt2"))
@@ -98,7 +84,7 @@ def test_trainable_count_equals_peft_and_formula(arch):
 
 
 def test_init_is_kaiming_uniform_and_zero_B():
-    model = native_lora("llama", r=8).apply(tiny("llama"), 0)
+    model = native_lora("llama", r=8).apply(plain_model("llama"), 0)
     for layer in lora_layers(model).values():
         a = layer.lora_A.weight
         bound = 1 / math.sqrt(layer.in_features)  # kaiming_uniform(a=sqrt(5)): sqrt(6 / (6 fan_in))
@@ -108,10 +94,10 @@ def test_init_is_kaiming_uniform_and_zero_B():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merged_equals_unmerged(arch):
-    base = tiny(arch)
+    base = plain_model(arch)
     model = native_lora(arch).apply(copy.deepcopy(base), 0)
     copy_peft_into_native(peft_lora(copy.deepcopy(base), arch), model)
-    b = batch()
+    b = plain_batch()
     with torch.no_grad():
         before = model(**b).logits
         originals = {n: layer.base_layer.weight.clone() for n, layer in lora_layers(model).items()}
@@ -133,11 +119,11 @@ def test_merged_equals_unmerged(arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_save_loads_in_plain_peft_and_back(arch, tmp_path):
-    base = tiny(arch)
+    base = plain_model(arch)
     method = native_lora(arch)
     model = method.apply(copy.deepcopy(base), 0)
     copy_peft_into_native(peft_lora(copy.deepcopy(base), arch), model)
-    b = batch()
+    b = plain_batch()
     with torch.no_grad():
         expected = model(**b).logits
     method.save(model, tmp_path)
@@ -155,11 +141,11 @@ def test_save_loads_in_plain_peft_and_back(arch, tmp_path):
 
 
 def test_reads_adapters_saved_by_peft(tmp_path):
-    base = tiny("llama")
+    base = plain_model("llama")
     reference = peft_lora(copy.deepcopy(base), "llama")
     reference.save_pretrained(str(tmp_path))
     model = native_lora("llama", r=2, alpha=1).load(copy.deepcopy(base), tmp_path)
-    b = batch()
+    b = plain_batch()
     with torch.no_grad():
         torch.testing.assert_close(model(**b).logits, reference(**b).logits, atol=1e-5, rtol=0)
 
@@ -171,8 +157,7 @@ def test_bad_settings_are_config_errors():
         build_method("lora", backend="native", r=0)
     method = build_method("lora", backend="native", target_modules=["nope"])
     with torch.device("meta"):
-        meta = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4))
+        meta = plain_model("llama")
     with pytest.raises(ConfigError, match=r"method.target_modules=\[nope\] matches no module.*q_proj"):
         method.check(meta)
     with pytest.raises(ConfigError, match="cannot wrap"):

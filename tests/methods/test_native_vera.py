@@ -7,30 +7,16 @@ import copy
 import pytest
 import torch
 from peft import PeftModel, VeraConfig, get_peft_model
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from ftlab.errors import ConfigError
 from ftlab.methods import build_method, count_parameters
 from ftlab.methods.native.vera import NativeVera, build_native_vera, vera_layers
 
+from .tiny import plain_batch, plain_model
+
 # down_proj (in 64, out 32) next to q/v (in 32, out 32/16): the shared A, B are sliced.
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
 R = 8
-
-
-def tiny(arch: str):
-    torch.manual_seed(0)
-    if arch == "llama":
-        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
-    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
-                                      embd_pdrop=0.0, attn_pdrop=0.0))
-
-
-def batch():
-    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": ids, "labels": ids}
 
 
 def peft_vera(base, arch: str, key: int = 0, save_projection: bool = True):
@@ -54,7 +40,7 @@ def copy_peft_into_native(peft_model, native) -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_same_projections_outputs_and_gradients_as_peft(arch):
-    base = tiny(arch)
+    base = plain_model(arch)
     reference = peft_vera(copy.deepcopy(base), arch, key=7)
     native = build_native_vera(r=R, target_modules=TARGETS[arch], projection_prng_key=7).apply(copy.deepcopy(base))
     layers = vera_layers(native)
@@ -67,7 +53,7 @@ def test_same_projections_outputs_and_gradients_as_peft(arch):
     assert not any(p.requires_grad for n, p in native.named_parameters() if "vera_lambda" not in n)
 
     copy_peft_into_native(reference, native)
-    b = batch()
+    b = plain_batch()
     out_ref, out_nat = reference(**b), native(**b)
     torch.testing.assert_close(out_nat.logits, out_ref.logits, atol=1e-5, rtol=0)
     out_ref.loss.backward()
@@ -82,7 +68,7 @@ def test_same_projections_outputs_and_gradients_as_peft(arch):
 
 
 def test_init_b_zero_d_initial_and_counts():
-    base = tiny("llama")
+    base = plain_model("llama")
     method = build_native_vera(r=R, d_initial=0.25, target_modules=TARGETS["llama"])
     model = method.apply(copy.deepcopy(base))
     reference = get_peft_model(copy.deepcopy(base), VeraConfig(r=R, d_initial=0.25, target_modules=TARGETS["llama"]))
@@ -92,7 +78,7 @@ def test_init_b_zero_d_initial_and_counts():
     for layer in layers.values():
         assert torch.count_nonzero(layer.vera_lambda_b) == 0
         assert torch.all(layer.vera_lambda_d == 0.25)
-    b = batch()
+    b = plain_batch()
     with torch.no_grad():  # b = 0: the model is unchanged at step 0
         torch.testing.assert_close(model(**b).logits, base(**b).logits, atol=0, rtol=0)
     # The projections are buffers, kept once and out of the model's state dict.
@@ -102,10 +88,10 @@ def test_init_b_zero_d_initial_and_counts():
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_merged_equals_unmerged(arch):
-    base = tiny(arch)
+    base = plain_model(arch)
     model = build_native_vera(r=R, target_modules=TARGETS[arch]).apply(copy.deepcopy(base))
     copy_peft_into_native(peft_vera(copy.deepcopy(base), arch), model)
-    b = batch()
+    b = plain_batch()
     with torch.no_grad():
         before = model(**b).logits
         for layer in vera_layers(model).values():
@@ -119,12 +105,12 @@ def test_merged_equals_unmerged(arch):
 
 @pytest.mark.parametrize(("arch", "save_projection"), [("llama", True), ("llama", False), ("gpt2", True)])
 def test_save_loads_in_plain_peft_and_back(arch, save_projection, tmp_path):
-    base = tiny(arch)
+    base = plain_model(arch)
     method = build_native_vera(r=R, target_modules=TARGETS[arch], projection_prng_key=3,
                                save_projection=save_projection)
     model = method.apply(copy.deepcopy(base))
     copy_peft_into_native(peft_vera(copy.deepcopy(base), arch), model)
-    b = batch()
+    b = plain_batch()
     with torch.no_grad():
         expected = model(**b).logits
     method.save(model, tmp_path)
@@ -145,8 +131,7 @@ def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="method.projection_prng_key"):
         build_native_vera(projection_prng_key="seed")
     with torch.device("meta"):
-        meta = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4))
+        meta = plain_model("llama")
     with pytest.raises(ConfigError, match="method.target_modules"):
         build_native_vera(target_modules=["nope"]).check(meta)
 

@@ -135,6 +135,26 @@ def build(name: str, *, family: Family | None = None, **overrides: Any):
     return build_method(name, **method_kwargs(name, family=family, **overrides))
 
 
+def plain_model(arch: str):
+    """A bare transformers Llama or GPT-2 (2 layers, hidden 32), seeded, for the tests that
+    compare a native method with peft or a formula on the model class itself."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "llama":
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    return GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                                      embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def plain_batch() -> dict[str, torch.Tensor]:
+    """Two rows of 12 random ids for :func:`plain_model` (labels = inputs)."""
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    return {"input_ids": ids, "labels": ids}
+
+
 def fixed_batch(rows: int = 2, length: int = 10, seed: int = 0) -> dict[str, torch.Tensor]:
     """The tiny Llama's fixed batch (:meth:`Family.batch`)."""
     return LLAMA.batch(rows, length, seed)
