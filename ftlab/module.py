@@ -77,6 +77,8 @@ class FinetuneModule(L.LightningModule):
         self.tokens_computed += batch["input_ids"].numel()
         self.step_tokens.append(real)
         self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+        # The rate this step's update will use (the scheduler advances after the step).
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -85,7 +87,6 @@ class FinetuneModule(L.LightningModule):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.train_losses.append((self.global_step, float(loss.detach())))
         self.log("train/tokens_per_sec", self.step_tokens[-1] / dt, on_step=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True)
         self.log("train/peak_memory_mb", peak_memory_mb(), on_step=True)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:

@@ -119,3 +119,47 @@ def test_eval_best_without_a_best_model_is_refused(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert metrics(tmp_path / "run")["best"] is None
     assert_usage_error(run_cli(str(tmp_path / "run"), "--best", module="ftlab.eval"), "no best model")
+
+
+# ---------------------------------------------------------------------------- clipping, accumulation
+def _lora_b_norm(run) -> float:
+    """Norm of all LoRA B matrices of the saved adapter (B starts at zero)."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    return float(torch.sqrt(sum((v.double() ** 2).sum() for k, v in tensors.items() if "lora_B" in k)))
+
+
+def test_gradient_clipping_bounds_the_first_update(tmp_path):
+    """One SGD step of size lr: LoRA's A gets no gradient while B = 0, so the step moves B by
+    lr * g_B; with trainer.gradient_clip_val=c the global gradient norm is at most c, so
+    ||B|| <= lr * c after it, while unclipped it is far larger."""
+    common = [*TINY, "optimizer=sgd", "optimizer.lr=1.0", "optimizer.momentum=0.0", "trainer.max_steps=1",
+              "trainer.val_check_interval=1", "scheduler.name=constant", "eval.generate=false"]
+    clipped, free = tmp_path / "clipped", tmp_path / "free"
+    for run, extra in ((clipped, ["trainer.gradient_clip_val=0.001"]), (free, [])):
+        proc = run_cli(*common, *extra, f"hydra.run.dir={run}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 0 < _lora_b_norm(clipped) <= 0.001 * (1 + 1e-4)
+    assert _lora_b_norm(free) > 100 * _lora_b_norm(clipped)
+
+
+def test_accumulation_sizes_an_epoch_and_the_schedule_ends_at_its_last_step(tmp_path):
+    """max_epochs=1 over 356 training rows in batches of 32: 12 micro-batches, 6 optimizer steps
+    with accumulate_grad_batches=2; the linear schedule reaches min_lr_ratio (0) at step 6."""
+    import csv
+
+    run = tmp_path / "run"
+    proc = run_cli(*[a for a in TINY if not a.startswith(("trainer.max_steps", "data.batch_size", "logger"))],
+                   "trainer.max_steps=-1", "trainer.max_epochs=1", "data.batch_size=32",
+                   "trainer.accumulate_grad_batches=2", "trainer.log_every_n_steps=1", "logger=csv",
+                   "eval.generate=false", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = metrics(run)
+    assert m["train_examples"] == 356 and m["steps"] == 6
+    with open(run / "logs" / "metrics.csv") as fh:
+        lrs = [float(r["train/lr"]) for r in csv.DictReader(fh) if r.get("train/lr")]
+    # Step t (0-based) trains at 1e-3 * (6 - t) / 6: six distinct values, the last 1e-3 / 6.
+    assert sorted(lrs, reverse=True) == lrs and len(lrs) == 6
+    assert lrs == pytest.approx([1e-3 * (6 - t) / 6 for t in range(6)], rel=1e-6)
