@@ -32,7 +32,7 @@ from ftlab.hardware import (build_strategy, check_hardware, enable_gradient_chec
 from ftlab.loggers import build_logger, finish_logger
 from ftlab.methods import build_method, count_parameters
 from ftlab.methods.peft_methods import base_quantization, check_quantized_base
-from ftlab.metrics import peak_memory_mb
+from ftlab.metrics import peak_memory_mb, reset_peak_memory
 from ftlab.models import check_available, load_model, meta_model
 from ftlab.module import FinetuneModule
 from ftlab.optim import check_optimizer
@@ -89,6 +89,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
 
     ``resume``: continue from a checkpoint of this run (:mod:`ftlab.resume`)."""
     started = time.perf_counter()
+    reset_peak_memory()  # this run's peak, not that of earlier jobs in the same process (multirun)
     run_dir = Path(s.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")
