@@ -26,7 +26,7 @@ from typing import Any
 
 from ftlab.errors import UserError
 
-COLUMNS = ["job", "method", "r", "alpha", "precision", "quantization", "trainable_params",
+COLUMNS = ["job", "method", "r", "alpha", "lr", "precision", "quantization", "trainable_params",
            "val_loss", "val_exact_match", "val_answer_f1", "val_accuracy", "val_f1",
            "tokens_per_second", "peak_memory_mb", "wall_time_s", "status", "error"]
 # Shown in the printed table only when some job has them: the task metrics of generation data
@@ -42,14 +42,37 @@ PERCENT = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1")
 class Job:
     path: Path           # the job's directory, relative to the sweep directory
     metrics: dict[str, Any]
+    root: Path = Path(".")  # the sweep directory
 
     def row(self) -> dict[str, Any]:
         m = self.metrics
         row = {c: m.get(c) for c in COLUMNS}
         row["job"] = str(self.path)
+        row["lr"] = self.lr
         if m.get("status") == "failed" and not m.get("method"):
             row["method"] = _override(m, "method")
         return row
+
+
+    @property
+    def lr(self) -> float | None:
+        """The base learning rate: in metrics.json, or (runs before it was recorded there) in
+        the job's resolved config.yaml."""
+        if self.metrics.get("lr") is not None:
+            return self.metrics["lr"]
+        return _config_value(self.root / self.path / "config.yaml", ("optimizer", "lr"))
+
+
+def _config_value(path: Path, keys: tuple[str, ...]) -> Any:
+    import yaml
+
+    try:
+        node = yaml.safe_load(path.read_text())
+        for k in keys:
+            node = node[k]
+        return node
+    except (OSError, KeyError, TypeError, yaml.YAMLError):  # no value: an empty cell, not an error
+        return None
 
 
 def _override(metrics: dict[str, Any], key: str) -> str | None:
@@ -70,7 +93,7 @@ def collect(directory: Path) -> list[Job]:
             metrics = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"{path} is not valid JSON ({err.msg}); was the job killed while writing?") from None
-        jobs.append(Job(path.parent.relative_to(directory), metrics))
+        jobs.append(Job(path.parent.relative_to(directory), metrics, directory))
     if not jobs:
         raise UserError(f"no job results (metrics.json) under {directory}; "
                         "point ftlab.report at a run or sweep directory")
@@ -90,6 +113,8 @@ def _fmt(value: Any, column: str) -> str:
         return f"{100 * value:.1f}%"
     if column == "trainable_params":
         return f"{value:,}"
+    if column == "lr":
+        return f"{float(value):g}"
     if isinstance(value, float):
         if column == "val_loss":
             return f"{value:.4f}"
@@ -124,6 +149,15 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
     return front
 
 
+def _label(job: Job, jobs: list[Job]) -> str:
+    """The job's run name (method, rank, alpha, precision), with its learning rate where the
+    jobs plotted together do not all share one."""
+    name = job.metrics.get("run_name") or str(job.path)
+    if len({j.lr for j in jobs}) > 1 and job.lr is not None:
+        name += f" lr={float(job.lr):g}"
+    return name
+
+
 def plot_curves(jobs: list[Job], out: Path) -> None:
     import matplotlib
 
@@ -136,7 +170,7 @@ def plot_curves(jobs: list[Job], out: Path) -> None:
         if job.metrics.get("status") != "completed" or not history:
             continue
         ax.plot([h["step"] for h in history], [h["val_loss"] for h in history], marker="o",
-                markersize=3, label=job.metrics.get("run_name") or str(job.path))
+                markersize=3, label=_label(job, jobs))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss")
     ax.set_title("Validation loss")
@@ -163,7 +197,7 @@ def plot_pareto(jobs: list[Job], out: Path) -> str:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (job, (x, y)) in enumerate(zip(done, points)):
         ax.scatter([x], [y], s=40, color="tab:red" if i in front else "tab:blue", zorder=3)
-        ax.annotate(job.metrics.get("run_name") or str(job.path), (x, y), fontsize=7,
+        ax.annotate(_label(job, done), (x, y), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")
     if front:
         line = sorted(points[i] for i in front)
@@ -187,6 +221,8 @@ def report(directory: Path, columns: list[str] | None = None) -> str:
     rows = [j.row() for j in jobs]
     columns = columns or [c for c in COLUMNS
                           if c not in OPTIONAL or any(r.get(c) is not None and r.get(c) != "" for r in rows)]
+    if unknown := [c for c in columns if c not in COLUMNS]:
+        raise UserError(f"unknown column(s) {', '.join(unknown)}; columns: {', '.join(COLUMNS)}")
     with open(directory / "report.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
@@ -202,9 +238,12 @@ def report(directory: Path, columns: list[str] | None = None) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ftlab.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="a sweep (multirun) or run directory")
+    parser.add_argument("--columns", help=f"comma-separated columns of the printed table (default: all "
+                                          f"that apply); any of {', '.join(COLUMNS)}")
     args = parser.parse_args(argv)
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     try:
-        table = report(args.directory)
+        table = report(args.directory, columns)
     except UserError as err:
         print(f"ftlab.report: error: {err}", file=sys.stderr)
         sys.exit(2)

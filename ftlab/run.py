@@ -13,7 +13,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -132,7 +131,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     result: dict[str, Any] = {"status": "running", "method": s.method["name"], "model": s.model.name,
                               "data": s.data.name, "run_name": label,
                               "r": s.method.get("r"), "alpha": s.method.get("alpha"),
-                              "precision": str(s.hardware.precision),
+                              "lr": s.optimizer.lr, "precision": str(s.hardware.precision),
                               "world_size": trainer.world_size,
                               "gradient_checkpointing": s.hardware.gradient_checkpointing,
                               "quantization": model_settings.quantization,

@@ -54,3 +54,25 @@ def test_methods_bench_prints_a_row_per_method_and_writes_json(tmp_path):
     assert checks["LoRA-FA saves fewer activations than LoRA"] == "PASS"
     assert "- PASS: LoRA-FA saves fewer activations than LoRA: lora_fa" in proc.stdout
     assert checks["QLoRA base weights < 1/3 of the fp32 base"] == "SKIPPED"
+
+
+def test_methods_bench_runs_several_models_side_by_side(tmp_path):
+    """--model a,b,c: one table with a model column; a classifier (tiny-bert) is timed on a
+    labelled batch; trainable counts follow each architecture's default targets."""
+    out = tmp_path / "zoo.json"
+    cmd = [sys.executable, str(REPO / "bench" / "methods.py"), "--model", "tiny-llama,tiny-gpt2,tiny-bert",
+           "--methods", "lora", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+           "--threads", "1", "--out", str(out)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert _cells(lines[0]) == ["model", *COLUMNS]
+    assert [c[0] for c in map(_cells, lines[1:])] == ["tiny-llama", "tiny-gpt2", "tiny-bert"]
+    by = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    assert by["tiny-llama"]["trainable_params"] == 2 * 8 * ((64 + 64) + (64 + 32))
+    # GPT-2: the fused c_attn (64 -> 192) per layer; BERT: query and value (64 -> 64) per layer
+    # plus the new classification head (64 x 2 + 2), which trains with every method.
+    assert by["tiny-gpt2"]["trainable_params"] == 2 * 8 * (64 + 192)
+    assert by["tiny-bert"]["trainable_params"] == 2 * 2 * 8 * (64 + 64) + (64 * 2 + 2)
+    assert all(r["step_s"] > 0 and r["peak_mb"] > 0 for r in by.values())

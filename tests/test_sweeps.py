@@ -89,6 +89,21 @@ def test_a_classification_sweep_reports_accuracy_and_plots_it(tmp_path):
     assert plot_pareto(collect(sweep_dir), tmp_path / "p.png") == "val_accuracy"
 
 
+def test_report_shows_each_jobs_learning_rate_and_the_columns_asked_for(sweep):
+    sweep_dir, _ = sweep
+    proc = run_cli(str(sweep_dir), "--columns", "job,lr,val_loss,status", module="ftlab.report")
+    assert proc.returncode == 0, proc.stderr
+    header, _, *rows = [l for l in proc.stdout.splitlines() if l.startswith("|")]
+    assert [c.strip() for c in header.strip("|").split("|")] == ["job", "lr", "val_loss", "status"]
+    for row in rows:
+        job, lr, _, status = (c.strip() for c in row.strip("|").split("|"))
+        config = yaml.safe_load((sweep_dir / job / "config.yaml").read_text()) if status == "completed" else None
+        if config:
+            assert float(lr) == config["optimizer"]["lr"]
+    bad = run_cli(str(sweep_dir), "--columns", "job,speed", module="ftlab.report")
+    assert bad.returncode == 2 and "unknown column(s) speed" in bad.stderr
+
+
 def test_pareto_front():
     from ftlab.report import pareto_front
 
