@@ -182,6 +182,25 @@ def plot_curves(jobs: list[Job], out: Path) -> None:
     plt.close(fig)
 
 
+def _label_lifts(points: list[tuple[float, float]]) -> list[int]:
+    """How many label lines to lower each point's label, so that points lying (nearly) on top of
+    each other, such as methods with the same parameter count and score, stay readable: within
+    0.15 decades of parameters and 2% of the score range of a point labelled before it."""
+    import math
+
+    ys = [y for _, y in points]
+    span = (max(ys) - min(ys)) if ys else 0.0
+    placed: list[tuple[float, float, int]] = []
+    lifts = []
+    for x, y in points:
+        near = [k for px, py, k in placed
+                if abs(math.log10(max(x, 1)) - math.log10(max(px, 1))) < 0.15 and abs(y - py) <= 0.02 * span + 1e-12]
+        lift = max(near) + 1 if near else 0
+        placed.append((x, y, lift))
+        lifts.append(lift)
+    return lifts
+
+
 def plot_pareto(jobs: list[Job], out: Path) -> str:
     import matplotlib
 
@@ -195,10 +214,10 @@ def plot_pareto(jobs: list[Job], out: Path) -> str:
     points = [(float(j.metrics["trainable_params"]), float(j.metrics[key])) for j in done]
     front = set(pareto_front(points, higher_is_better=key != "val_loss"))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (job, (x, y)) in enumerate(zip(done, points)):
+    for i, ((job, (x, y)), lift) in enumerate(zip(zip(done, points), _label_lifts(points))):
         ax.scatter([x], [y], s=40, color="tab:red" if i in front else "tab:blue", zorder=3)
         ax.annotate(_label(job, done), (x, y), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")
+                    xytext=(4, 3 - 9 * lift), textcoords="offset points")
     if front:
         line = sorted(points[i] for i in front)
         ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:red", linestyle="--",

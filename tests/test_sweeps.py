@@ -113,6 +113,14 @@ def test_pareto_front():
     assert pareto_front([(10, 1.0), (20, 0.5)], higher_is_better=False) == [0, 1]
 
 
+def test_labels_of_coinciding_points_are_stacked():
+    from ftlab.report import _label_lifts
+
+    # Four methods at one parameter count and score (LoRA, DoRA, PiSSA, Delta-LoRA), one apart.
+    points = [(460_800, 0.575), (483_840, 0.575), (460_800, 0.575), (11_520, 0.0), (460_800, 0.575)]
+    assert _label_lifts(points) == [0, 1, 2, 0, 3]
+
+
 def test_report_on_a_directory_without_results(tmp_path):
     proc = run_cli(str(tmp_path), module="ftlab.report")
     assert proc.returncode == 2
