@@ -165,12 +165,14 @@ def plot_curves(jobs: list[Job], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for job in jobs:
-        history = job.metrics.get("val_history") or []
-        if job.metrics.get("status") != "completed" or not history:
-            continue
+    shown = [j for j in jobs if j.metrics.get("status") == "completed" and j.metrics.get("val_history")]
+    # 20 distinct colours, then the same colours dashed: a 17-method sweep has no repeated line.
+    colours, styles = plt.cm.tab20.colors, ("-", "--", ":")
+    for i, job in enumerate(shown):
+        history = job.metrics["val_history"]
         ax.plot([h["step"] for h in history], [h["val_loss"] for h in history], marker="o",
-                markersize=3, label=_label(job, jobs))
+                markersize=3, color=colours[i % len(colours)], linestyle=styles[i // len(colours) % 3],
+                label=_label(job, shown))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss")
     ax.set_title("Validation loss")
