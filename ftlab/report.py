@@ -150,9 +150,12 @@ def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> l
 
 
 def _label(job: Job, jobs: list[Job]) -> str:
-    """The job's run name (method, rank, alpha, precision), with its learning rate where the
-    jobs plotted together do not all share one."""
+    """The job's run name (method, rank, alpha, precision) without what all the jobs plotted
+    together share (their precision), with the learning rate where they do not share one."""
     name = job.metrics.get("run_name") or str(job.path)
+    precisions = {j.metrics.get("precision") for j in jobs}
+    if len(precisions) == 1 and job.metrics.get("precision") and name.endswith(f"-{job.metrics['precision']}"):
+        name = name[: -len(job.metrics["precision"]) - 1]
     if len({j.lr for j in jobs}) > 1 and job.lr is not None:
         name += f" lr={float(job.lr):g}"
     return name
@@ -185,20 +188,20 @@ def plot_curves(jobs: list[Job], out: Path) -> None:
 
 
 def _label_lifts(points: list[tuple[float, float]]) -> list[int]:
-    """How many label lines to lower each point's label, so that points lying (nearly) on top of
-    each other, such as methods with the same parameter count and score, stay readable: within
-    0.15 decades of parameters and 2% of the score range of a point labelled before it."""
+    """How many lines to lower each point's label so that no two labels overlap: a label starts
+    at its point and runs about 0.8 decades of parameters to the right, one line is about 3% of
+    the score range; each label takes the first line, going down, that no earlier label holds."""
     import math
 
     ys = [y for _, y in points]
-    span = (max(ys) - min(ys)) if ys else 0.0
-    placed: list[tuple[float, float, int]] = []
+    line = 0.033 * ((max(ys) - min(ys)) if ys else 0.0) or 1e-9
+    placed: list[tuple[float, float]] = []  # (log10 x, label y) of the labels placed so far
     lifts = []
     for x, y in points:
-        near = [k for px, py, k in placed
-                if abs(math.log10(max(x, 1)) - math.log10(max(px, 1))) < 0.15 and abs(y - py) <= 0.02 * span + 1e-12]
-        lift = max(near) + 1 if near else 0
-        placed.append((x, y, lift))
+        lx, lift = math.log10(max(x, 1)), 0
+        while any(-0.8 < lx - px < 0.8 and abs((y - lift * line) - py) < 0.9 * line for px, py in placed):
+            lift += 1
+        placed.append((lx, y - lift * line))
         lifts.append(lift)
     return lifts
 
