@@ -28,6 +28,7 @@ step, one measured-memory step, then ``--steps`` timed steps. MB = 2^20 bytes.
 
     python bench/methods.py --out methods.json          # SmolLM2-135M, every method
     python bench/methods.py --model tiny-llama --steps 1 --methods lora,lora_fa   # checks the script
+    python bench/methods.py --model smollm2-135m,tiny-llama,tiny-gpt2,minilm-l6 --methods lora   # the zoo
 """
 
 from __future__ import annotations
@@ -196,27 +197,32 @@ def measure_one(args: argparse.Namespace) -> dict:
 
 
 # ------------------------------------------------------------------------------ all methods
-def run_child(args: argparse.Namespace, name: str, label: str, overrides: list[str]) -> dict:
-    cmd = [sys.executable, __file__, "--one", name, "--label", label, "--model", args.model, "--steps",
+def run_child(args: argparse.Namespace, model: str, name: str, label: str, overrides: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--one", name, "--label", label, "--model", model, "--steps",
            str(args.steps), "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
            "--threads", str(args.threads), *(f"--set={o}" for o in overrides)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        log(f"{label}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")
-        return {"method": label, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
-    log(f"{label}: {row['trainable_params']:,} trainable, step {row['step_s']:.3g} s "
+        log(f"{model} {label}: FAILED (exit {proc.returncode})\n{proc.stderr[-2000:]}")
+        return {"model": model, "method": label, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    row = {"model": model, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    log(f"{model} {label}: {row['trainable_params']:,} trainable, step {row['step_s']:.3g} s "
         f"({time.perf_counter() - t0:.0f} s with loading)")
     return row
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| method | trainable params | % of total | base weight MB | saved activations MB "
-             "| peak MB | step s |", "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted((r for r in rows if "error" not in r), key=lambda r: (r["trainable_params"], r["method"])):
+def table(rows: list[dict], models: list[str]) -> str:
+    """One row per (model, method); a model column when more than one model ran."""
+    many = len(models) > 1
+    lines = [("| model " if many else "") + "| method | trainable params | % of total | base weight MB "
+             "| saved activations MB | peak MB | step s |",
+             ("|---" if many else "") + "|---|---:|---:|---:|---:|---:|---:|"]
+    done = (r for r in rows if "error" not in r)
+    for r in sorted(done, key=lambda r: (models.index(r["model"]), r["trainable_params"], r["method"])):
         share = 100 * r["trainable_params"] / r["total_params"]
-        lines.append(f"| {r['method']} | {r['trainable_params']:,} | {share:.3f} | {r['base_weight_mb']:.2f} "
+        lines.append((f"| {r['model']} " if many else "")
+                     + f"| {r['method']} | {r['trainable_params']:,} | {share:.3f} | {r['base_weight_mb']:.2f} "
                      f"| {r['saved_activations_mb']:.2f} | {r['peak_mb']:.2f} | {r['step_s']:.3g} |")
     return "\n".join(lines)
 
@@ -229,7 +235,8 @@ CHECKS = [  # (what, row a, row b, column, a < b * factor, format)
 
 
 def checks(rows: list[dict]) -> list[dict]:
-    """The three expectations from the papers: measured numbers, their ratio, PASS/FAIL."""
+    """The three expectations from the papers: measured numbers, their ratio, PASS/FAIL (rows
+    of one model)."""
     by = {r["method"]: r for r in rows if "error" not in r}
     out = []
     for what, a, b, col, factor, fmt in CHECKS:
@@ -255,7 +262,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", choices=model_choices(), help="conf/model/<name>.yaml")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="conf/model/<name>.yaml; comma-separated for several models in one run")
     p.add_argument("--methods", default=",".join(available()), help="comma-separated method names")
     p.add_argument("--steps", type=int, default=3, help="timed steps (after a warm-up and a memory step)")
     p.add_argument("--batch-size", type=int, default=8, help="rows in the fixed batch")
@@ -270,6 +278,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    args.model_list = [m.strip() for m in args.model.split(",") if m.strip()]
+    if unknown := sorted(set(args.model_list) - set(model_choices())):
+        p.error(f"unknown model(s) {', '.join(unknown)}; valid: {', '.join(model_choices())}")
+    if args.one and len(args.model_list) != 1:
+        p.error("--one measures one model")
     if unknown := sorted(set(args.method_list) - set(available())):
         p.error(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(available())}")
     return args
@@ -280,22 +293,25 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(measure_one(args)), flush=True)
         return 0
-    jobs = [(m, m, []) for m in args.method_list]
-    jobs += [(m, *EXTRA[m]) for m in args.method_list if m in EXTRA]
+    methods = [(m, m, []) for m in args.method_list]
+    methods += [(m, *EXTRA[m]) for m in args.method_list if m in EXTRA]
+    # Models interleaved method by method, so a change in machine load hits all of them alike.
+    jobs = [(model, *m) for m in methods for model in args.model_list]
     load_before = os.getloadavg()
     rows = [run_child(args, *job) for job in jobs]
-    report = checks(rows)
+    report = [c for model in args.model_list for c in checks([r for r in rows if r["model"] == model])
+              if len(args.model_list) == 1 or c["result"] != "SKIPPED"]
     print(f"model {args.model}, fixed batch {args.batch_size} x {args.seq_len} tokens of builtin:tasks.jsonl "
           f"(packed), AdamW, 1 warm-up + 1 memory step + median of {args.steps} timed step(s), "
           f"threads {args.threads}, torch {torch.__version__}, one child process per method")
     print("load average (1, 5, 15 min) at start {:.2f} {:.2f} {:.2f}, at end {:.2f} {:.2f} {:.2f}\n"
           .format(*load_before, *os.getloadavg()))
-    print(table(rows) + "\n")
+    print(table(rows, args.model_list) + "\n")
     for c in report:
         print(f"- {c['result']}: {c['check']}: {c['measured']}")
     for r in rows:
         if "error" in r:
-            print(f"- ERROR: {r['method']} did not run: {r['error']}")
+            print(f"- ERROR: {r['model']} {r['method']} did not run: {r['error']}")
     if args.out:
         args.out.write_text(json.dumps({"model": args.model, "batch_size": args.batch_size,
                                         "seq_len": args.seq_len, "steps": args.steps, "threads": args.threads,
