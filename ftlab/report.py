@@ -21,6 +21,7 @@ import csv
 import json
 import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ class Job:
         return row
 
 
-    @property
+    @cached_property  # read once: plot labels ask every job for it
     def lr(self) -> float | None:
         """The base learning rate: in metrics.json, or (runs before it was recorded there) in
         the job's resolved config.yaml."""
