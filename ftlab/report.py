@@ -54,7 +54,6 @@ class Job:
             row["method"] = _override(m, "method")
         return row
 
-
     @cached_property  # read once: plot labels ask every job for it
     def lr(self) -> float | None:
         """The base learning rate: in metrics.json, or (runs before it was recorded there) in
