@@ -20,14 +20,20 @@ def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
 
-def test_methods_bench_prints_a_row_per_method_and_writes_json(tmp_path):
-    out = tmp_path / "methods.json"
-    cmd = [sys.executable, str(REPO / "bench" / "methods.py"), "--model", "tiny-llama",
-           "--methods", "lora,lora_fa", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
+def run_bench(out: Path, model: str, methods: str) -> subprocess.CompletedProcess:
+    """bench/methods.py on a tiny batch (2 x 32 tokens, one timed step, one thread)."""
+    cmd = [sys.executable, str(REPO / "bench" / "methods.py"), "--model", model,
+           "--methods", methods, "--steps", "1", "--batch-size", "2", "--seq-len", "32",
            "--threads", "1", "--out", str(out)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_methods_bench_prints_a_row_per_method_and_writes_json(tmp_path):
+    out = tmp_path / "methods.json"
+    proc = run_bench(out, "tiny-llama", "lora,lora_fa")
 
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert _cells(lines[0]) == COLUMNS
@@ -60,12 +66,7 @@ def test_methods_bench_runs_several_models_side_by_side(tmp_path):
     """--model a,b,c: one table with a model column; a classifier (tiny-bert) is timed on a
     labelled batch; trainable counts follow each architecture's default targets."""
     out = tmp_path / "zoo.json"
-    cmd = [sys.executable, str(REPO / "bench" / "methods.py"), "--model", "tiny-llama,tiny-gpt2,tiny-bert",
-           "--methods", "lora", "--steps", "1", "--batch-size", "2", "--seq-len", "32",
-           "--threads", "1", "--out", str(out)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_bench(out, "tiny-llama,tiny-gpt2,tiny-bert", "lora")
     lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     assert _cells(lines[0]) == ["model", *COLUMNS]
     assert [c[0] for c in map(_cells, lines[1:])] == ["tiny-llama", "tiny-gpt2", "tiny-bert"]
