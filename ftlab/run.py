@@ -173,8 +173,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
 
     with full_parameters(trainer, module.model):  # every rank enters: sharded weights gather
         if writer:
-            _save_atomically(lambda d: (method.save(module.model, d), tokenizer.save_pretrained(d)),
-                             run_dir / ("model" if s.method["name"] == "full" else "adapter"))
+            _save_trained(method, module, tokenizer, run_dir / ("model" if s.method["name"] == "full" else "adapter"))
 
     result["best"] = _keep_best(trainer, module, method, tokenizer, s, run_dir, writer)
     result.update(module.throughput())
@@ -225,8 +224,7 @@ def _keep_best(trainer, module, method, tokenizer, s: RunSettings, run_dir: Path
         module.on_load_checkpoint(ckpt)
         info["adapter"] = f"best_{artifact}"
         if writer:
-            _save_atomically(lambda d: (method.save(module.model, d), tokenizer.save_pretrained(d)),
-                             run_dir / info["adapter"])
+            _save_trained(method, module, tokenizer, run_dir / info["adapter"])
     say(f"Best {m.metric} {value:.4g} at step {step} ({info['checkpoint']}"
         + (f", {info['adapter']}/" if info["adapter"] else "") + f"); last at step {last_step}"
         + (" (stopped early)" if info["stopped_early"] else ""))
@@ -351,6 +349,11 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
         json.dump(data, fh, indent=2, default=str)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def _save_trained(method, module, tokenizer, target: Path) -> None:
+    """What the method trained (its own format) and the tokenizer, written atomically to ``target``."""
+    _save_atomically(lambda d: (method.save(module.model, d), tokenizer.save_pretrained(d)), target)
 
 
 def _save_atomically(save, target: Path) -> None:
