@@ -66,7 +66,7 @@ def compose_settings(model: str, batch_size: int, max_length: int):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ftlab.cli import config_dir, settings_from_config
+    from ftlab.settings import config_dir, settings_from_config
 
     overrides = [f"model={model}", "method=lora", "method.r=8", "method.alpha=16",
                  "method.target_modules=[q_proj,v_proj]", "data=tasks", f"data.batch_size={batch_size}",

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def counts(model: str, methods: list[str]) -> list[tuple[str, int, int]]:
     from hydra import compose, initialize_config_dir
 
-    from ftlab.cli import config_dir, settings_from_config
+    from ftlab.settings import config_dir, settings_from_config
     from ftlab.methods import build_method, count_parameters
     from ftlab.models import meta_model
 

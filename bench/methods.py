@@ -70,7 +70,7 @@ def compose_settings(model: str, method: str, overrides: list[str], batch_size: 
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ftlab.cli import config_dir, settings_from_config
+    from ftlab.settings import config_dir, settings_from_config
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -125,11 +125,11 @@ def live_storages() -> dict[int, int]:
 def measure_one(args: argparse.Namespace) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
-    from ftlab.hardware import enable_gradient_checkpointing, keep_trainable_in_fp32
+    from ftlab.training.hardware import enable_gradient_checkpointing, keep_trainable_in_fp32
     from ftlab.methods import count_parameters
-    from ftlab.methods.peft_methods import base_quantization
+    from ftlab.methods.quantized import base_quantization
     from ftlab.models import load_model
-    from ftlab.optim import build_optimizer
+    from ftlab.training.optim import build_optimizer
     from ftlab.run import preflight
     from step_time import fixed_batch
 
@@ -193,7 +193,7 @@ def measure_one(args: argparse.Namespace) -> dict:
             "step_s": statistics.median(times), "step_times_s": times, "config": s.method,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
             "quantization": quantization, "checkpointing": s.hardware.gradient_checkpointing
-            or (getattr(method, "gradient_checkpointing", False) and quantization != "none")}
+            or (method.traits.gradient_checkpointing and quantization != "none")}
 
 
 # ------------------------------------------------------------------------------ all methods

@@ -2,7 +2,7 @@
 
 Both sides run in ONE process on the same model, batch, method and optimizer:
 
-- **ftlab**: :class:`ftlab.module.FinetuneModule` driven by the ``lightning.Trainer`` that
+- **ftlab**: :class:`ftlab.training.module.FinetuneModule` driven by the ``lightning.Trainer`` that
   :func:`ftlab.run._trainer` builds from ftlab's own config (``conf/train.yaml`` composed with
   Hydra), with logger off (``logger=none``), progress bar off, no checkpoint callback
   (``checkpoint.every_n_steps=null``, ``trainer.enable_checkpointing=false``), no validation,
@@ -74,7 +74,7 @@ def log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------- set-up
 def model_choices() -> list[str]:
-    from ftlab.cli import config_dir
+    from ftlab.settings import config_dir
 
     return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
 
@@ -84,7 +84,7 @@ def compose_settings(model: str, steps: int, batch_size: int, run_dir: str):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ftlab.cli import config_dir, settings_from_config
+    from ftlab.settings import config_dir, settings_from_config
 
     overrides = [
         f"model={model}", "method=lora", f"method.r={LORA['r']}", f"method.alpha={LORA['alpha']}",
@@ -198,7 +198,7 @@ class FtlabLoop:
     """ftlab's FinetuneModule under the Trainer ftlab's run builds; one fit per block."""
 
     def __init__(self, model, method, settings, batch, total_steps: int, run_dir: Path):
-        from ftlab.module import FinetuneModule
+        from ftlab.training.module import FinetuneModule
 
         self.settings, self.batch, self.run_dir = settings, batch, run_dir
         self.module = FinetuneModule(model, method, settings.optimizer, settings.scheduler, total_steps)

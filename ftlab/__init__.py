@@ -1,7 +1,7 @@
-"""ftlab: compose, run and compare fine-tuning methods for language models."""
+"""ftlab: compose, run and compare fine-tuning methods for language models.
 
-from ftlab._quiet import quiet_third_party
+Importing the package changes no global state; the commands (``ftlab.cli``, ``ftlab.eval``,
+``ftlab.export``, ``ftlab.report``) quiet third-party noise when they start.
+"""
 
 __version__ = "0.1.0"
-
-quiet_third_party()

@@ -15,16 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ftlab.errors import ConfigError, check_choice, check_fraction, check_positive, did_you_mean
+from ftlab.inputs import (DATA_FORMATS, DTYPES, FORMAT_FIELDS, MODEL_SOURCES, MODEL_TASKS,  # noqa: F401
+                          QUANTIZATIONS, TEMPLATES, DataSettings, ModelSettings)
 
-MODEL_SOURCES = ("gguf_package", "package", "hub", "local", "random")
-MODEL_TASKS = ("causal_lm", "seq_cls")
-DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-DATA_FORMATS = ("instruction", "chat", "text", "classification")
-# Record fields each data format reads (data.fields maps them to the names in the file).
-FORMAT_FIELDS = {"instruction": ("instruction", "input", "output"), "chat": ("messages",),
-                 "text": ("text",), "classification": ("text", "label")}
-TEMPLATES = ("alpaca",)
 SCHEDULERS = ("constant", "linear", "cosine")
 LOGGERS = ("csv", "tensorboard", "wandb", "none")
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
@@ -32,122 +25,6 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
 SHARDED_STRATEGIES = ("fsdp", "deepspeed")
 STRATEGIES = ("auto", *DDP_STRATEGIES, *SHARDED_STRATEGIES)
-
-
-@dataclass
-class ModelSettings:
-    """Where the weights come from and what the architecture is (``conf/model/*.yaml``).
-
-    ``tasks``: the heads this architecture offers (``causal_lm`` for decoders, ``seq_cls`` for
-    a classification head over a decoder's last token or an encoder's first); ``task`` is the
-    one a run trains. ``source=package``: a model directory shipped inside a Python package
-    (``package``, and ``package_path`` inside it)."""
-
-    name: str
-    source: str
-    task: str = "causal_lm"
-    tasks: list[str] = field(default_factory=lambda: ["causal_lm", "seq_cls"])
-    hub_id: str | None = None
-    path: str | None = None
-    gguf_package: str | None = None
-    gguf_file: str | None = None
-    package: str | None = None
-    package_path: str | None = None
-    dtype: str = "float32"
-    quantization: str = "none"
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    arch: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        check_choice("model.source", self.source, MODEL_SOURCES)
-        check_choice("model.task", self.task, MODEL_TASKS)
-        self.tasks = [self.tasks] if isinstance(self.tasks, str) else list(self.tasks)
-        for task in self.tasks:
-            check_choice("model.tasks", task, MODEL_TASKS)
-        if self.task not in self.tasks:
-            raise ConfigError(
-                f"model {self.name!r} has no {self.task} head (its heads: {', '.join(self.tasks)})"
-                + ("; an encoder classifies: use data=classification (or a classification file "
-                   "with data.format=classification)" if self.task == "causal_lm" else ""))
-        check_choice("model.dtype", self.dtype, DTYPES)
-        check_choice("model.quantization", self.quantization, QUANTIZATIONS)
-        if self.source == "random" and not self.arch:
-            raise ConfigError(f"model {self.name!r} has source=random but no model.arch")
-        if self.source == "hub" and not (self.hub_id or self.path):
-            raise ConfigError(f"model {self.name!r} needs model.hub_id or model.path")
-        if self.source == "local" and not self.path:
-            raise ConfigError(f"model {self.name!r} has source=local but no model.path")
-        if self.source == "package" and not (self.package and self.package_path):
-            raise ConfigError(f"model {self.name!r} has source=package but no model.package "
-                              "and model.package_path")
-
-
-@dataclass
-class DataSettings:
-    """Which records, how they are split, templated, tokenised and batched (``conf/data``).
-
-    ``path``: a local file (JSON, JSON Lines, CSV, TSV, Parquet; for ``text`` also plain text),
-    a directory or glob of them (``text``), ``builtin:<name>`` (shipped in ftlab), or a Hugging
-    Face dataset ``hub:<owner/name>[:split]``. See docs/data.md.
-    """
-
-    name: str
-    path: str
-    format: str = "instruction"
-    val_path: str | None = None
-    val_fraction: float = 0.1
-    seed: int = 0
-    max_length: int = 256
-    # Record field -> the name used in the file; fields not given keep their own name.
-    fields: dict[str, str] = field(default_factory=dict)
-    template: str = "alpaca"            # instruction: "alpaca" or a format string with {instruction}
-    chat_template: str | None = None    # chat: used when the model has none ("chatml" or Jinja)
-    labels: list[str] | None = None     # classification: the label set (default: the training file's)
-    train_on_prompt: bool = False
-    padding: str = "longest"            # "longest" (dynamic) or "max_length"
-    packing: bool = False
-    group_by_length: bool = False
-    over_length: str = "truncate"       # "truncate" or "drop" examples longer than max_length
-    cache: bool = True
-    batch_size: int = 8
-    eval_batch_size: int = 16
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        check_choice("data.format", self.format, DATA_FORMATS)
-        if self.template not in TEMPLATES and "{instruction}" not in str(self.template):
-            raise ConfigError(f"data.template={self.template!r} is not valid; use one of "
-                              f"{', '.join(TEMPLATES)} or a format string with {{instruction}} "
-                              "(and optionally {input}), e.g. 'Q: {instruction} {input}\\nA: '")
-        if self.val_path is None:
-            check_fraction("data.val_fraction", self.val_fraction)
-            if self.val_fraction == 0:
-                raise ConfigError("data.val_fraction must be > 0 when no data.val_path is given")
-        check_positive("data.max_length", self.max_length, integer=True)
-        check_positive("data.batch_size", self.batch_size, integer=True)
-        check_positive("data.eval_batch_size", self.eval_batch_size, integer=True)
-        check_choice("data.padding", self.padding, ("longest", "max_length"))
-        check_choice("data.over_length", self.over_length, ("truncate", "drop"))
-        for key in ("train_on_prompt", "packing", "group_by_length", "cache"):
-            if not isinstance(getattr(self, key), bool):
-                raise ConfigError(f"data.{key} must be true or false, got {getattr(self, key)!r}")
-        known = FORMAT_FIELDS[self.format]
-        for key, value in (self.fields or {}).items():
-            if key not in known:
-                raise ConfigError(f"data.fields.{key} is not a field of data.format={self.format}"
-                                  f"{did_you_mean(key, known)}; its fields: {', '.join(known)}")
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"data.fields.{key} must name a record field, got {value!r}")
-        self.fields = {name: (self.fields or {}).get(name, name) for name in known}
-        if self.packing and self.format == "classification":
-            raise ConfigError("data.packing=true packs token sequences for a language model; "
-                              "data.format=classification predicts one label per example")
-        if self.labels is not None:
-            if not isinstance(self.labels, list) or len(self.labels) < 2:
-                raise ConfigError(f"data.labels must be a list of at least two labels, got {self.labels!r}")
-            self.labels = [str(v) for v in self.labels]
-            if len(set(self.labels)) != len(self.labels):
-                raise ConfigError(f"data.labels has duplicates: {self.labels}")
 
 
 @dataclass
@@ -336,9 +213,17 @@ class RunSettings:
     checkpoint_every_n_steps: int | None = 50
     sweep_name: str | None = None
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    # Extra Lightning callbacks by name: ``{_target_: import.path.Class, **kwargs}`` each.
+    callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Modules imported before anything is built, where methods from outside ftlab register.
+    plugins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_trainer_args(self.trainer)
+        for name, spec in self.callbacks.items():
+            if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("_target_"), str)):
+                raise ConfigError(f"callbacks.{name} must be a mapping with _target_: <import path of a "
+                                  f"lightning Callback class>, got {spec!r}")
         self._check_monitor()
         self._check_warmup()
         wants = "seq_cls" if self.data.format == "classification" else "causal_lm"
@@ -406,8 +291,9 @@ def _check_trainer_args(trainer: dict[str, Any]) -> None:
     for key in trainer:
         if key in owned:
             raise ConfigError(
-                f"trainer.{key} is set by ftlab (hardware.* / logger=); "
-                f"use {'logger=' if key == 'logger' else 'hardware.' + key} instead"
+                f"trainer.{key} is set by ftlab; use "
+                + {"logger": "logger=", "callbacks": "callbacks.<name>._target_=<class>",
+                   "default_root_dir": "hydra.run.dir="}.get(key, f"hardware.{key}") + " instead"
             )
         if key not in valid:
             raise ConfigError(

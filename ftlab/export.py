@@ -21,77 +21,51 @@ disk or on the hub, so ``peft.AutoPeftModelForCausalLM.from_pretrained(OUT)`` fi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
+from ftlab.console import CommandParser, fail, quiet_third_party, say
 from ftlab.errors import UserError
-
-PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
-
-
-def say(msg: str) -> None:
-    print(msg, flush=True)
+from ftlab.io import atomic_directory
+from ftlab.rundir import RunDir, class_labels
 
 
-def adapter_kind(artifact: Path) -> str:
-    """``full``, ``peft:<PEFT_TYPE>`` or ``bottleneck`` for what ``Method.save`` wrote."""
-    if (artifact / "adapter_config.json").is_file():
-        config = json.loads((artifact / "adapter_config.json").read_text())
-        return f"peft:{config.get('peft_type')}"
-    if (artifact / "bottleneck_adapter.json").is_file():
-        return "bottleneck"
-    if (artifact / "config.json").is_file():
-        return "full"
-    raise UserError(f"{artifact} holds neither a peft adapter, a bottleneck adapter nor a model")
-
-
-def _refuse_merge(kind: str, method: str) -> None:
-    if kind.startswith("peft:") and kind.split(":", 1)[1] in PROMPT_LEARNING:
-        raise UserError(
-            f"method {method!r} cannot be merged into the base weights: it trains virtual tokens that "
-            "are prepended to every input, not a change to any weight. Export the adapter instead "
-            "(--adapter OUT); peft.PeftModel.from_pretrained(base, OUT) loads it")
-    if kind == "bottleneck":
-        raise UserError(
-            f"method {method!r} cannot be merged into the base weights: a bottleneck adapter has a "
-            "nonlinearity between its two projections, so it is not a change of any weight matrix. "
-            "Export the adapter instead (--adapter OUT; ftlab's own format, loaded by ftlab.eval)")
+def _peft_type(artifact: Path) -> str:
+    config = artifact / "adapter_config.json"
+    return json.loads(config.read_text()).get("peft_type", "?") if config.is_file() else "?"
 
 
 def merge(run_dir: str | Path, out: str | Path, best: bool = False) -> Path:
     """Write the run's model, adapter merged, as a standalone Hugging Face directory ``out``."""
-    from ftlab.eval import read_run, run_method, trained_artifact
-    from ftlab.methods.peft_methods import base_quantization
-    from ftlab.models import load_model
+    from ftlab.methods.quantized import base_quantization
+    from ftlab.models import check_available, load_model
     from ftlab.models.loading import auto_class
 
-    run_dir, out = Path(run_dir), Path(out)
-    settings, _ = read_run(run_dir)
-    name = settings.method["name"]
-    artifact = trained_artifact(run_dir, settings, best)
-    kind = adapter_kind(artifact)
-    _refuse_merge(kind, name)
+    out = Path(out)
+    run = RunDir.open(run_dir)
+    settings, method = run.settings, run.method()
+    name, traits = settings.method["name"], method.traits
+    artifact = run.artifact(best)
+    if not traits.mergeable:
+        raise UserError(f"method {name!r} cannot be merged into the base weights: {traits.merge_note}")
     _check_out(out)
-    method = run_method(settings)
+    check_available(settings.model)
     quantization = base_quantization(method, settings.model.quantization)
 
-    if kind == "full":
+    if traits.artifact_format == "model":
         from transformers import AutoTokenizer
 
         merged = auto_class(settings.model).from_pretrained(str(artifact))
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-        say(f"ftlab.export: method {name!r} trained every weight: writing the full model")
+        say(f"ftlab.export: {traits.merge_note}")
     else:
         from peft import PeftModel
         from transformers import AutoTokenizer
 
-        labels = _labels(settings)
+        labels = class_labels(settings)
         base, _ = load_model(dataclasses.replace(settings.model, quantization=quantization),
                              seed=settings.seed, labels=labels)
         if quantization != "none":
@@ -103,11 +77,7 @@ def merge(run_dir: str | Path, out: str | Path, best: bool = False) -> Path:
             base = base.dequantize()
         merged = PeftModel.from_pretrained(base, str(artifact)).merge_and_unload()
         tokenizer = AutoTokenizer.from_pretrained(str(artifact))
-        if name == "delta_lora":
-            say("ftlab.export: Delta-LoRA also moved the base weights during training: "
-                "writing its full weights (base + its weight updates + the low-rank adapter)")
-        else:
-            say(f"ftlab.export: merged the {name} adapter into the base weights")
+        say(f"ftlab.export: {traits.merge_note or f'merged the {name} adapter into the base weights'}")
     merged.config._name_or_path = ""  # where it was loaded from says nothing about the export
     _write(out, lambda d: (merged.save_pretrained(str(d)), tokenizer.save_pretrained(str(d))))
     n = sum(p.numel() for p in merged.parameters())
@@ -118,35 +88,35 @@ def merge(run_dir: str | Path, out: str | Path, best: bool = False) -> Path:
 
 def export_adapter(run_dir: str | Path, out: str | Path, best: bool = False) -> Path:
     """Copy the run's trained adapter (peft format where it has one) and tokenizer to ``out``."""
-    from ftlab.eval import read_run, trained_artifact
     from ftlab.models.loading import auto_class
 
-    run_dir, out = Path(run_dir), Path(out)
-    settings, _ = read_run(run_dir)
-    artifact = trained_artifact(run_dir, settings, best)
-    kind = adapter_kind(artifact)
+    out = Path(out)
+    run = RunDir.open(run_dir)
+    settings, fmt = run.settings, run.method().traits.artifact_format
+    artifact = run.artifact(best)
     _check_out(out)
     base = _base_location(settings)
 
     def copy(directory: Path) -> None:
         shutil.copytree(artifact, directory, dirs_exist_ok=True)
         config_path = directory / "adapter_config.json"
-        if kind.startswith("peft:") and base:
+        if fmt == "peft" and base:
             config = json.loads(config_path.read_text())
             config["base_model_name_or_path"] = base
             config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     _write(out, copy)
-    if kind == "full":
+    if fmt == "model":
         how = f"transformers.{auto_class(settings.model).__name__}.from_pretrained({str(out)!r})"
-    elif kind == "bottleneck":
-        how = "ftlab (its own format: bottleneck_adapter.json + .safetensors)"
+    elif fmt == "own":
+        how = "ftlab (its own format; python -m ftlab.eval reads it)"
     else:
         peft_auto = "AutoPeftModelForSequenceClassification" if settings.model.task == "seq_cls" else "AutoPeftModelForCausalLM"
         how = (f"peft.{peft_auto}.from_pretrained({str(out)!r})" if base else
                f"peft.PeftModel.from_pretrained(<the base model>, {str(out)!r}) (the base was built "
                "in code, so no path to it is recorded)")
-    say(f"ftlab.export: wrote {out} ({kind.replace('peft:', 'peft ')} adapter of method "
+    kind = {"model": "full model", "own": "ftlab-format adapter"}.get(fmt, f"peft {_peft_type(artifact)} adapter")
+    say(f"ftlab.export: wrote {out} ({kind} of method "
         f"{settings.method['name']!r}); load it with {how}")
     return out
 
@@ -172,46 +142,19 @@ def _base_location(settings) -> str | None:
     return None
 
 
-def _labels(settings) -> list[str] | None:
-    if settings.data.format != "classification":
-        return None
-    from ftlab.data import DataModule
-
-    data = DataModule(settings.data, tokenizer=None)
-    data.check_files()
-    return data.labels
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} already exists and is not empty; export into a new directory")
 
 
 def _write(out: Path, save) -> None:
-    """Fill a temporary directory next to ``out``, then rename it into place."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        save(tmp)
-        os.chmod(tmp, 0o755)
-        if out.exists():
-            out.rmdir()  # checked empty above
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        from ftlab.cli import fail
-
-        fail(f"{self.prog}: {message}")
+    """Fill a temporary directory next to ``out``, then rename it into place (checked empty)."""
+    atomic_directory(out, save, replace=False)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ftlab.cli import fail
-
-    parser = _Parser(prog="python -m ftlab.export",
+    quiet_third_party()
+    parser = CommandParser(prog="python -m ftlab.export",
                      description="Export a finished ftlab run: merged standalone model and/or adapter.")
     parser.add_argument("run_dir", help="the run directory (holds config.yaml and adapter/ or model/)")
     parser.add_argument("--merge", metavar="OUT", help="write a standalone model with the adapter merged")

@@ -2,7 +2,11 @@
 
     python -m ftlab.report multirun/2026-11-24/10-00-00
 
-Reads every ``metrics.json`` below the directory (one per job; no W&B needed) and writes, into
+For a directory of dry runs (``dry_run=true``, each with a ``plan.json``) it prints one table
+of the plans instead: trainable parameters, and memory per device without and with gradient
+checkpointing (GiB = 2^30 bytes).
+
+Otherwise it reads every ``metrics.json`` below the directory (one per job; no W&B needed) and writes, into
 that directory:
 
 - ``report.csv`` and ``report.md`` (the Markdown table is also printed): one row per job with
@@ -16,7 +20,6 @@ that directory:
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import sys
@@ -25,6 +28,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ftlab.console import CommandParser, quiet_third_party
 from ftlab.errors import UserError
 
 COLUMNS = ["job", "method", "r", "alpha", "lr", "precision", "quantization", "trainable_params",
@@ -239,8 +243,35 @@ def plot_pareto(jobs: list[Job], out: Path) -> str:
     return key
 
 
+GIB = 2**30
+
+
+def plans_table(root: Path) -> str:
+    """A markdown table of every ``plan.json`` under ``root`` (dry runs), memory in GiB."""
+    rows = []
+    for path in Path(root).rglob("plan.json"):
+        p = json.loads(path.read_text())
+        plain, ckpt = p["memory"]["without_checkpointing"], p["memory"]["with_checkpointing"]
+        rows.append((p["method"], p["precision"], p["quantization"], p["trainable_params"],
+                     100 * p["trainable_params"] / p["total_params"], plain["weights"] / GIB,
+                     (plain["gradients"] + plain["optimizer_states"]) / GIB,
+                     plain["activations"] / GIB, plain["peak"] / GIB, ckpt["activations"] / GIB,
+                     ckpt["peak"] / GIB))
+    lines = ["| method | precision | base | trainable params | % of total | weights | grads + optimizer "
+             "| activations | **peak** | activations, grad. ckpt | **peak, grad. ckpt** |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, prec, q, t, share, *gib in sorted(rows):
+        lines.append(f"| {m} | {prec} | {q} | {t:,} | {share:.3f} | "
+                     + " | ".join(f"{x:.1f}" for x in gib) + " |")
+    return "\n".join(lines)
+
+
 def report(directory: Path, columns: list[str] | None = None) -> str:
     directory = Path(directory)
+    if directory.is_dir() and not any(directory.rglob("metrics.json")) and any(directory.rglob("plan.json")):
+        table = plans_table(directory)
+        (directory / "plans.md").write_text(table + "\n")
+        return table
     jobs = collect(directory)
     rows = [j.row() for j in jobs]
     columns = columns or [c for c in COLUMNS
@@ -260,7 +291,8 @@ def report(directory: Path, columns: list[str] | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ftlab.report", description=__doc__.split("\n\n")[0])
+    quiet_third_party()
+    parser = CommandParser(prog="python -m ftlab.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="a sweep (multirun) or run directory")
     parser.add_argument("--columns", help=f"comma-separated columns of the printed table (default: all "
                                           f"that apply); any of {', '.join(COLUMNS)}")
@@ -272,7 +304,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"ftlab.report: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(table)
-    print(f"\nwrote {args.directory / 'report.csv'}, report.md, val_loss_curves.png, pareto.png")
+    if (args.directory / "report.csv").is_file():
+        print(f"\nwrote {args.directory / 'report.csv'}, report.md, val_loss_curves.png, pareto.png")
 
 
 if __name__ == "__main__":

@@ -9,11 +9,7 @@ Everything that can be wrong with the user's input is checked before any weight 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,27 +18,26 @@ import lightning as L
 import torch
 
 from ftlab.config import RunSettings, check_warmup
+from ftlab.console import say
 from ftlab.data import DataModule
 from ftlab.errors import ConfigError
-from ftlab.evaluate import score_generation
-from ftlab.faults import GracefulStop, NonFiniteLossGuard, supervise
-from ftlab.hardware import (build_strategy, check_hardware, enable_gradient_checkpointing,
-                            full_parameters, is_rank_zero, keep_trainable_in_fp32, world_size)
-from ftlab.loggers import build_logger, finish_logger
-from ftlab.methods import build_method, count_parameters
-from ftlab.methods.peft_methods import base_quantization, check_quantized_base
-from ftlab.metrics import peak_memory_mb, reset_peak_memory
+from ftlab.io import atomic_directory, write_json
+from ftlab.methods import count_parameters, method_from_spec
+from ftlab.methods.quantized import base_quantization, check_quantized_base
+from ftlab.metrics.memory import peak_memory_mb, reset_peak_memory
 from ftlab.models import check_available, load_model, meta_model
-from ftlab.module import FinetuneModule
-from ftlab.optim import check_optimizer
-from ftlab.resume import (AtomicCheckpointIO, ResumePoint, RunState, checkpoint_identity, own_generator,
-                          resumable_loader)
-from ftlab.summary import parameter_summary
+from ftlab.planning.counts import parameter_summary
+from ftlab.training.checkpoints import AtomicCheckpointIO, RunState, checkpoint_identity
+from ftlab.training.evaluation import VAL_SCORES, evaluate_held_out
+from ftlab.training.faults import GracefulStop, NonFiniteLossGuard, supervise
+from ftlab.training.hardware import (build_strategy, check_hardware, enable_gradient_checkpointing,
+                                     full_parameters, keep_trainable_in_fp32, world_size)
+from ftlab.training.loaders import own_generator, resumable_loader
+from ftlab.training.loggers import build_logger, finish_logger
+from ftlab.training.module import FinetuneModule
+from ftlab.training.optim import check_optimizer
 
-
-def say(msg: str = "") -> None:
-    if is_rank_zero():  # the other processes of a multi-process run would repeat every line
-        print(msg, flush=True)
+from ftlab.resume import ResumePoint
 
 
 def run_label(s: RunSettings) -> str:
@@ -60,8 +55,7 @@ def run_label(s: RunSettings) -> str:
 
 def preflight(s: RunSettings):
     """Every check that needs no weights: method hyperparameters, targets, model, data."""
-    params = {k: v for k, v in s.method.items() if k != "name"}
-    method = build_method(s.method["name"], **params)
+    method = method_from_spec(s.method)
     meta = meta_model(s.model)
     method.check(meta)
     # A dry run plans for hardware this machine need not have: only the settings are checked
@@ -73,11 +67,10 @@ def preflight(s: RunSettings):
     check_optimizer(s.optimizer, s.hardware, here=here)  # a paged optimizer needs CUDA
     if here:
         check_available(s.model)
-    if s.data.packing and getattr(getattr(method, "peft_config", None), "is_prompt_learning", False):
-        # peft drops position_ids for prompt learning, and packed rows need them to keep
-        # each example's attention to itself.
+    if s.data.packing and not method.traits.packing:
+        # Packed rows need their position ids to keep each example's attention to itself.
         raise ConfigError(f"data.packing=true cannot be combined with method {s.method['name']!r} "
-                          "(peft ignores the position ids that keep packed examples apart); "
+                          "(it ignores the position ids that keep packed examples apart); "
                           "use data.packing=false")
     return method
 
@@ -145,7 +138,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
         resume.keep_logs(trainer)
     elif s.eval.before:
         say("Evaluating before training ...")
-        result.update(_evaluate(trainer, module, data, s, eval_records, tokenizer, "_initial"))
+        result.update(evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, "_initial"))
         module.val_history.clear()
         module.val_history.append({"step": 0, **{k: result[f"{k}_initial"] for k in VAL_SCORES
                                                  if f"{k}_initial" in result}})
@@ -159,7 +152,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     fit_start = time.perf_counter()
     with supervise(stop, run_dir, result, history, write_json if writer else None):
         # Loaders whose order is a function of (seed, epoch) and whose position goes into the
-        # checkpoint, so a resumed run sees the same batches (ftlab/resume.py).
+        # checkpoint, so a resumed run sees the same batches (ftlab/training/loaders.py).
         trainer.fit(module, train_dataloaders=resumable_loader(data.train_dataloader(), s.seed),
                     val_dataloaders=own_generator(data.val_dataloader()),
                     ckpt_path=str(resume.checkpoint) if resume is not None else None)
@@ -168,12 +161,12 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     if writer:
         ckpt_dir.mkdir(exist_ok=True)
     trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))  # every rank calls; rank zero writes
-    final = _evaluate(trainer, module, data, s, eval_records, tokenizer, "")
+    final = evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, "")
     result.update(final)
 
     with full_parameters(trainer, module.model):  # every rank enters: sharded weights gather
         if writer:
-            _save_trained(method, module, tokenizer, run_dir / ("model" if s.method["name"] == "full" else "adapter"))
+            _save_trained(method, module, tokenizer, run_dir / method.traits.artifact)
 
     result["best"] = _keep_best(trainer, module, method, tokenizer, s, run_dir, writer)
     result.update(module.throughput())
@@ -212,7 +205,7 @@ def _keep_best(trainer, module, method, tokenizer, s: RunSettings, run_dir: Path
     step = next((h["step"] for h in module.val_history if h["step"] > 0 and key in h
                  and math.isclose(h[key], value, rel_tol=1e-6, abs_tol=1e-12)), None)
     last_step = int(trainer.global_step)
-    artifact = "model" if s.method["name"] == "full" else "adapter"
+    artifact = method.traits.artifact
     info = {"metric": m.metric, "mode": m.direction, "value": value, "step": step,
             "checkpoint": str(Path(best.best_model_path).relative_to(run_dir)),
             "adapter": artifact if step == last_step else None, "last_step": last_step,
@@ -233,7 +226,7 @@ def _keep_best(trainer, module, method, tokenizer, s: RunSettings, run_dir: Path
 
 def _dry_run(s: RunSettings, method) -> dict[str, Any]:
     """Plan instead of training (``dry_run=true``): print the plan, write ``plan.json``."""
-    from ftlab.plan import plan_run, write_plan
+    from ftlab.planning.planner import plan_run, write_plan
 
     plan = plan_run(s, method)
     say(plan.table())
@@ -252,11 +245,10 @@ def _total_steps(s: RunSettings, train_examples: int) -> int:
 
 def _trainer(s: RunSettings, run_dir: Path, logger, model=None, callbacks=()) -> L.Trainer:
     """The Trainer for the run's hardware (``model``: the model to train, for FSDP's wrapping)."""
+    from hydra.utils import instantiate
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from ftlab import probe
-
-    callbacks = probe.callbacks() + list(callbacks)  # probe: nothing unless FTLAB_PROBE_DIR is set (tests)
+    callbacks = list(callbacks) + [instantiate(spec) for spec in s.callbacks.values()]
     if s.checkpoint_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step-{step}",
                                          auto_insert_metric_name=False,
@@ -291,40 +283,6 @@ def _monitor_callbacks(s: RunSettings, run_dir: Path) -> list:
     return out
 
 
-# Validation scores the module logs: loss, then perplexity and next-token accuracy (language
-# modelling) or accuracy and macro F1 (classification).
-VAL_SCORES = ("val_loss", "val_perplexity", "val_token_accuracy", "val_accuracy", "val_f1")
-PERCENT_SCORES = ("val_token_accuracy", "val_accuracy", "val_f1")
-
-
-def _evaluate(trainer, module, data, s: RunSettings, records, tokenizer, suffix: str) -> dict[str, Any]:
-    metrics = trainer.validate(module, datamodule=data, verbose=False)[0]
-    out = {f"{k}{suffix}": float(metrics[k.replace("_", "/", 1)]) for k in VAL_SCORES
-           if k.replace("_", "/", 1) in metrics}
-    shown = ", ".join(f"{k.split('_', 1)[1]} " + (f"{out[k + suffix]:.1%}" if k in PERCENT_SCORES
-                                                  else f"{out[k + suffix]:.4g}")
-                      for k in VAL_SCORES if k + suffix in out)
-    # Every process generates (the same answers): the scores are torchmetrics metrics, which
-    # synchronise across the processes of a distributed run when computed.
-    if s.eval.generate and data.generative and records:
-        gen = score_generation(module.model, tokenizer, data.prompts(records), data.shown(records),
-                               data.references(records), s.eval.max_new_tokens, s.data.eval_batch_size)
-        out[f"val_exact_match{suffix}"] = gen.exact_match
-        out[f"val_answer_f1{suffix}"] = gen.f1
-        out[f"val_bleu{suffix}"] = gen.bleu
-        out[f"val_rouge_l{suffix}"] = gen.rouge_l
-        out[f"samples{suffix}"] = [{"prompt": p, "prediction": y, "reference": r}
-                                   for p, y, r in list(zip(gen.prompts, gen.predictions, gen.references))[: s.eval.show_samples]]
-        say(f"Held-out ({len(data.val_set)} examples): {shown}, exact match {gen.exact_match:.1%}, "
-            f"answer F1 {gen.f1:.1%}, BLEU {gen.bleu:.1%}, ROUGE-L {gen.rouge_l:.1%} "
-            f"on {len(records)} greedy answers")
-        for sample in out[f"samples{suffix}"]:
-            say(f"  {sample['prompt'][:60]!r:64} -> {sample['prediction'][:40]!r} (ref {sample['reference']!r})")
-    else:
-        say(f"Held-out ({len(data.val_set)} examples): {shown}")
-    return out
-
-
 def _final_report(r: dict[str, Any]) -> str:
     lines = ["", "Result on the held-out split:",
              f"  {'':18} {'before':>10} {'after':>10}"]
@@ -342,27 +300,6 @@ def _final_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write to a temporary file and rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
 def _save_trained(method, module, tokenizer, target: Path) -> None:
     """What the method trained (its own format) and the tokenizer, written atomically to ``target``."""
-    _save_atomically(lambda d: (method.save(module.model, d), tokenizer.save_pretrained(d)), target)
-
-
-def _save_atomically(save, target: Path) -> None:
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        save(tmp)
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_directory(target, lambda d: (method.save(module.model, d), tokenizer.save_pretrained(d)))

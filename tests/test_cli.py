@@ -154,7 +154,7 @@ def test_existing_run_directory_is_never_overwritten(tmp_path):
 def _model_yaml(name: str) -> dict:
     import yaml
 
-    from ftlab.cli import config_dir
+    from ftlab.settings import config_dir
 
     return yaml.safe_load((config_dir() / "model" / f"{name}.yaml").read_text())
 

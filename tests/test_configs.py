@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from ftlab.cli import config_dir, settings_from_config
+from ftlab.settings import config_dir, settings_from_config
 from ftlab.methods import build_method
 from ftlab.models import meta_model
 

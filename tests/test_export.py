@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ftlab import export
-from ftlab.eval import load_run, read_run
+from ftlab.rundir import RunDir, load_run
 from ftlab.models import load_model
 from tiny_runs import DELTA_LORA, ENV, LORA, NATIVE_VERA, cached_run, cli, one_thread, tree_digest
 
@@ -78,7 +78,7 @@ def plain_logits(models: dict, tmp_path: Path) -> dict[str, torch.Tensor]:
 def base_dir(tmp_path_factory) -> Path:
     """The tiny base model every run starts from (built in code), saved for plain loading."""
     run = cached_run(tmp_path_factory, *LORA)
-    settings, _ = read_run(run)
+    settings = RunDir.open(run).settings
     model, tokenizer = load_model(settings.model, seed=settings.seed)
     out = tmp_path_factory.mktemp("base")
     model.save_pretrained(out)

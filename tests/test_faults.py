@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from ftlab import cli
-from ftlab.faults import NonFiniteLoss
-from ftlab.resume import checkpoints, latest_checkpoint, read_checkpoint
+from ftlab.training.faults import NonFiniteLoss
+from ftlab.training.checkpoints import checkpoints, latest_checkpoint, read_checkpoint
 from tiny_runs import ENV, FAST, REPO, cached_run, one_thread, start_cli, train_run, wait_for
 
 
@@ -124,7 +124,7 @@ KILLED_WHILE_WRITING = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    from ftlab.resume import AtomicCheckpointIO
+    from ftlab.training.checkpoints import AtomicCheckpointIO
 
     class Slow:  # pickled in the middle of the checkpoint: the write is under way
         def __reduce__(self):
@@ -140,7 +140,7 @@ KILLED_WHILE_WRITING = textwrap.dedent("""
 def test_sigkill_while_writing_a_checkpoint_leaves_the_old_one_whole(tmp_path):
     path, marker = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "writing"
     old = {"global_step": 4, "state_dict": {"w": torch.arange(10.0)}}
-    from ftlab.resume import AtomicCheckpointIO
+    from ftlab.training.checkpoints import AtomicCheckpointIO
 
     AtomicCheckpointIO().save_checkpoint(old, path)
     proc = subprocess.Popen([sys.executable, "-c", KILLED_WHILE_WRITING, str(path), str(marker)], env=ENV,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conftest import TINY, run_cli
-from ftlab.evaluate import bleu_score, rouge_l, score_generation
+from ftlab.metrics.generation import bleu_score, rouge_l, score_generation
 
 
 # ------------------------------------------------------------------------------------ BLEU

@@ -4,6 +4,7 @@ options, the SLURM launcher config; GPU runs where CUDA is present."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,18 +14,23 @@ from conftest import TINY, assert_usage_error, run_cli
 from ftlab.config import HardwareSettings
 from ftlab.errors import ConfigError
 
+PROBE = Path(__file__).resolve().parent / "probe"
+
 
 # ------------------------------------------------------------------- DDP, two processes
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
-    """The real CLI with hardware=ddp on two CPU processes (gloo), observed by ftlab.probe."""
+    """The real CLI with hardware=ddp on two CPU processes (gloo), observed by tests/probe."""
     root = tmp_path_factory.mktemp("ddp")
     run_dir, probe = root / "run", root / "probe"
     proc = run_cli("model=tiny-llama", "hardware=ddp", "hardware.devices=2", "hardware.accelerator=cpu",
                    "hardware.precision=32-true", "trainer.max_steps=3", "trainer.val_check_interval=3",
                    "eval.max_examples=2", "eval.before=false", "data.batch_size=4", "logger=csv",
                    "method.dropout=0", f"hydra.run.dir={run_dir}",
-                   env={"FTLAB_PROBE_DIR": str(probe)}, timeout=600)
+                   "+callbacks.probe._target_=ftlab_probe.ProbeCallback",
+                   env={"FTLAB_PROBE_DIR": str(probe), "FTLAB_PROBE_RUN_DIR": str(run_dir),
+                        "PYTHONPATH": os.pathsep.join([str(PROBE), os.environ.get("PYTHONPATH", "")])},
+                   timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     writes = [json.loads(_wait_for(probe / f"rank{r}-writes.json").read_text()) for r in (0, 1)]
@@ -148,7 +154,7 @@ def _has_method(name: str) -> bool:
 
 
 def test_bf16_on_a_cpu_without_it_is_refused(monkeypatch):
-    import ftlab.hardware as hw
+    import ftlab.training.hardware as hw
 
     monkeypatch.setattr(hw, "cpu_supports_bf16", lambda: False)
     for precision in ("bf16-mixed", "bf16-true"):
@@ -161,7 +167,7 @@ def test_bf16_on_a_cpu_without_it_is_refused(monkeypatch):
 def test_deepspeed_needs_its_package(monkeypatch):
     import importlib.util
 
-    import ftlab.hardware as hw
+    import ftlab.training.hardware as hw
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -176,7 +182,7 @@ def test_deepspeed_needs_its_package(monkeypatch):
 
 
 def test_rank_zero_from_the_launchers_environment(monkeypatch):
-    from ftlab.hardware import is_rank_zero
+    from ftlab.console import is_rank_zero
 
     for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -194,7 +200,7 @@ def test_rank_zero_from_the_launchers_environment(monkeypatch):
 def test_fsdp_wraps_each_decoder_layer():
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from ftlab.hardware import build_strategy
+    from ftlab.training.hardware import build_strategy
 
     model = _tiny_model()
     strategy = build_strategy(HardwareSettings(accelerator="gpu", strategy="fsdp",
@@ -207,7 +213,7 @@ def test_fsdp_wraps_each_decoder_layer():
 
 
 def test_trainable_weights_stay_fp32_under_mixed_precision():
-    from ftlab.hardware import keep_trainable_in_fp32, param_dtype
+    from ftlab.training.hardware import keep_trainable_in_fp32, param_dtype
 
     model = _tiny_model().to(torch.bfloat16)
     model.model.norm.weight.requires_grad_(False)
@@ -224,7 +230,7 @@ def test_trainable_weights_stay_fp32_under_mixed_precision():
 def test_gradient_checkpointing_same_gradients_less_saved_memory():
     """hardware.gradient_checkpointing recomputes each layer in backward: the gradients are
     the same and autograd keeps fewer bytes between forward and backward."""
-    from ftlab.hardware import enable_gradient_checkpointing
+    from ftlab.training.hardware import enable_gradient_checkpointing
 
     batch = {"input_ids": torch.randint(0, 272, (2, 64))}
     batch["labels"] = batch["input_ids"]
@@ -262,7 +268,7 @@ def test_slurm_launcher_follows_the_hardware_group():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from ftlab.cli import config_dir
+    from ftlab.settings import config_dir
 
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -308,6 +314,6 @@ def _tiny_model():
 def _model_yaml(name: str) -> dict:
     import yaml
 
-    from ftlab.cli import config_dir
+    from ftlab.settings import config_dir
 
     return yaml.safe_load((config_dir() / "model" / f"{name}.yaml").read_text())

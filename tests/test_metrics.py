@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from ftlab.metrics import peak_memory_mb, reset_peak_memory
+from ftlab.metrics.memory import peak_memory_mb, reset_peak_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CPU peak resets through /proc")

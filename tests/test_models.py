@@ -11,10 +11,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import TINY, assert_usage_error, run_cli
-from ftlab.cli import config_dir
+from ftlab.settings import config_dir
 from ftlab.config import ModelSettings
 from ftlab.errors import ConfigError
-from ftlab.methods.peft_methods import check_target_names
+from ftlab.methods.targets import check_target_names
 from ftlab.models import load_model, meta_model
 from ftlab.models.loading import model_config
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import lightning as L
 import pytest
@@ -15,17 +13,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from ftlab.config import OptimizerSettings, SchedulerSettings
 from ftlab.data.collate import Collator
-from ftlab.methods.base import default_param_groups
-from ftlab.module import FinetuneModule
-from ftlab.optim import lr_lambda
+from ftlab.methods.base import PlainHooks, default_param_groups
+from ftlab.training.module import FinetuneModule
+from ftlab.training.optim import lr_lambda
 
 
 @dataclass
-class RecordingMethod:
+class RecordingMethod(PlainHooks):
     """A method that trains only the lm_head, with its own learning-rate multiplier."""
 
     name: str = "recording"
-    base_quantization: str | None = None
     steps_seen: list[tuple[int, int]] = field(default_factory=list)
     grad_seen: list[bool] = field(default_factory=list)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import REPO, TINY, assert_usage_error, run_cli
 from ftlab.errors import ConfigError
-from ftlab.optim import check_optimizer, is_paged
+from ftlab.training.optim import check_optimizer, is_paged
 
 OPTIONS = sorted(p.stem for p in (REPO / "conf" / "optimizer").glob("*.yaml"))
 BITSANDBYTES = ["adamw8bit", "paged_adamw", "paged_adamw8bit"]
@@ -26,7 +26,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 def settings_for(option: str, *overrides: str, tmp: Path = Path(".")):
     from tiny_runs import compose
 
-    from ftlab.cli import settings_from_config
+    from ftlab.settings import settings_from_config
 
     cfg = compose(f"optimizer={option}", "model=tiny-llama", *overrides)
     return settings_from_config(cfg, str(tmp))
@@ -275,7 +275,7 @@ def test_paged_optimizers_fine_tune_a_llama_through_lightning_on_cuda(option, tm
     from ftlab.config import SchedulerSettings
     from ftlab.data.collate import Collator
     from ftlab.methods import build_method
-    from ftlab.module import FinetuneModule
+    from ftlab.training.module import FinetuneModule
 
     s = settings_for(option, "optimizer.lr=1e-2", "hardware=gpu", tmp=tmp_path)
     torch.manual_seed(0)

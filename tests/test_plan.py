@@ -11,8 +11,10 @@ import torch
 import yaml
 from conftest import run_cli
 
-from ftlab.cli import config_dir, settings_from_config
-from ftlab.plan import GIB, QUANT_BYTES, estimate_step, plan_run, summarize, trace_training_step, write_plan
+from ftlab.settings import config_dir, settings_from_config
+from ftlab.planning.planner import GIB, QUANT_BYTES, plan_run, write_plan
+from ftlab.planning.trace import estimate_step, trace_training_step
+from ftlab.report import plans_table as summarize
 
 
 def settings(*overrides: str, run_dir: str = "/tmp/ftlab-plan-unused"):
@@ -145,7 +147,7 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(case):
     every allocation and free (torch.profiler with profile_memory): the CPU counterpart of
     torch.cuda.max_memory_allocated. RSS would add the Python and torch runtime, which the
     planner does not (and should not) estimate."""
-    from ftlab.hardware import cpu_supports_bf16
+    from ftlab.training.hardware import cpu_supports_bf16
 
     s = settings(*MEASURED, *case)
     if "bf16" in str(s.hardware.precision) and not cpu_supports_bf16():
@@ -158,9 +160,9 @@ def test_estimate_is_within_25_percent_of_the_measured_peak(case):
 
 def _train_steps(s) -> None:
     """``trainer.max_steps`` steps of ftlab's own training path on full-length random batches."""
-    from ftlab.hardware import enable_gradient_checkpointing, keep_trainable_in_fp32
+    from ftlab.training.hardware import enable_gradient_checkpointing, keep_trainable_in_fp32
     from ftlab.models import load_model
-    from ftlab.module import FinetuneModule
+    from ftlab.training.module import FinetuneModule
     from ftlab.run import _trainer, preflight
 
     method = preflight(s)

@@ -10,7 +10,7 @@ import torch
 import yaml
 from conftest import run_cli
 
-from ftlab.cli import config_dir
+from ftlab.settings import config_dir
 from ftlab.config import ModelSettings
 
 pytestmark = pytest.mark.slow

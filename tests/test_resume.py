@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from ftlab import cli
-from ftlab.resume import ResumableLoader, SeededSampler, latest_checkpoint, resumable_loader
+from ftlab.training.checkpoints import latest_checkpoint
+from ftlab.training.loaders import ResumableLoader, SeededSampler, resumable_loader
 from tiny_runs import DELTA_LORA, NATIVE_VERA, cached_run, one_thread, tree_digest
 
 

@@ -129,7 +129,9 @@ def test_report_on_a_directory_without_results(tmp_path):
 
 def test_sweep_files_compose(tmp_path):
     """Every sweeps/*.yaml names only keys and options that exist (checked by the preflight)."""
-    from ftlab.cli import expand_sweep, preflight, sweeps_dir
+    from ftlab.cli import preflight
+    from ftlab.settings import sweeps_dir
+    from ftlab.sweeps import expand_sweep
 
     for path in sorted(sweeps_dir().glob("*.yaml")):
         argv = expand_sweep([f"sweep={path.stem}", f"hydra.sweep.dir={tmp_path / path.stem}"])

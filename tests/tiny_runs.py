@@ -50,7 +50,7 @@ def compose(*overrides: str):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ftlab.cli import config_dir
+    from ftlab.settings import config_dir
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
@@ -59,7 +59,7 @@ def compose(*overrides: str):
 
 def train_run(run_dir: Path, *overrides: str) -> dict:
     """Train one run into ``run_dir`` (config.yaml written as the CLI writes it)."""
-    from ftlab.cli import settings_from_config
+    from ftlab.settings import settings_from_config
     from ftlab.run import train
 
     cfg = compose(*FAST, *overrides)

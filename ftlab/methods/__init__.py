@@ -1,6 +1,8 @@
-"""Fine-tuning methods: a registry of builders, peft-backed and native (``native/``)."""
+"""Fine-tuning methods: the interface (``base``), the registry, peft-backed builders
+(``peft/``) and methods implemented from scratch (``native/``)."""
 
-from ftlab.methods.base import Method, count_parameters
-from ftlab.methods.registry import available, build_method, register
+from ftlab.methods.base import Method, Traits, count_parameters
+from ftlab.methods.registry import available, build_method, method_from_spec, register
 
-__all__ = ["Method", "available", "build_method", "count_parameters", "register"]
+__all__ = ["Method", "Traits", "available", "build_method", "count_parameters", "method_from_spec",
+           "register"]

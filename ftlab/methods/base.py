@@ -1,12 +1,14 @@
 """The interface every fine-tuning method implements, and helpers they share.
 
 A method is a small object, built by a registered builder from flat keyword arguments
-(``conf/method/<name>.yaml``). The training loop only ever talks to this interface, so the
-LightningModule knows no particular method.
+(``conf/method/<name>.yaml``). The rest of ftlab only ever talks to this interface: what it
+needs to know about a method is in :class:`Traits`, what it asks a method to do is in
+:class:`Method`. No code outside ``ftlab/methods/`` tests a method's name.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -14,12 +16,39 @@ import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class Traits:
+    """What the run, evaluation, export and the planner need to know about a method.
+
+    - ``artifact``: the directory :meth:`Method.save` writes in a run (``adapter`` or ``model``);
+    - ``artifact_format``: ``peft`` (plain peft loads it), ``model`` (a transformers model
+      directory) or ``own`` (ftlab's own format, loaded by :meth:`Method.load`);
+    - ``mergeable``: whether export can fold what was trained into the base weights;
+      ``merge_note``: what export says when it merges (or, if not mergeable, why not);
+    - ``packing``: whether packed batches (several examples per row, kept apart by position
+      ids) train correctly with it (peft's prompt methods drop the position ids);
+    - ``quantized_base``: whether it trains over a bitsandbytes 4/8-bit base;
+      ``base_quantization``: a quantization it needs for its base (QLoRA: ``nf4``);
+    - ``gradient_checkpointing``: whether it turns on activation recomputation itself;
+    - ``changes_model_at_init``: whether applying it changes the model's outputs before any
+      step (prompt methods, a quantized base) - the "before" evaluation depends on it.
+    """
+
+    artifact: str = "adapter"
+    artifact_format: str = "peft"
+    mergeable: bool = True
+    merge_note: str = ""
+    packing: bool = True
+    quantized_base: bool = False
+    base_quantization: str | None = None
+    gradient_checkpointing: bool = False
+    changes_model_at_init: bool = False
+
+
 @runtime_checkable
 class Method(Protocol):
     name: str
-    # A quantization the method needs for its frozen base ("nf4" for QLoRA), or None to
-    # use the model's own ``model.quantization`` setting.
-    base_quantization: str | None
+    traits: Traits
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`~ftlab.errors.ConfigError` if the method cannot apply to ``model``.
@@ -35,6 +64,9 @@ class Method(Protocol):
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups over the trainable parameters (each with its ``lr``)."""
+
+    def build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
+        """The method's own optimizer, or None for the configured one over :meth:`param_groups`."""
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after every optimizer step; ``step`` counts steps done (1-based)."""
@@ -58,8 +90,13 @@ class PlainHooks:
     A method lists it as a base only for these defaults and overrides what it needs (LoRA+ its
     groups, Delta-LoRA its after-step update); it is not a place for shared behaviour."""
 
+    traits = Traits()
+
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         return default_param_groups(model, lr, weight_decay)
+
+    def build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
+        return None
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         pass

@@ -9,9 +9,10 @@ from torch.utils.data import DataLoader
 
 from ftlab.config import ModelSettings, OptimizerSettings, SchedulerSettings
 from ftlab.data.collate import Collator
+from ftlab.methods.base import PlainHooks
 from ftlab.methods import build_method
 from ftlab.models import load_model, meta_model
-from ftlab.module import FinetuneModule
+from ftlab.training.module import FinetuneModule
 
 from .helpers import datamodule, write_jsonl
 
@@ -66,10 +67,10 @@ def test_lora_trains_and_saves_the_new_head(tmp_path):
     assert (loaded(input_ids=x).logits - untrained).abs().max() > 0.1
 
 
-class _Identity:
+class _Identity(PlainHooks):
     """A method that trains everything (enough to drive the module)."""
 
-    name, base_quantization = "identity", None
+    name = "identity"
 
     def check(self, model): pass
     def apply(self, model, total_steps): return model

@@ -6,7 +6,7 @@ import json
 
 from hydra import compose, initialize_config_dir
 
-from ftlab.cli import config_dir, settings_from_config
+from ftlab.settings import config_dir, settings_from_config
 from ftlab.run import train
 
 TINY = ["model=tiny-llama", "logger=none", "trainer.max_steps=3", "trainer.val_check_interval=3",

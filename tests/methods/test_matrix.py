@@ -283,7 +283,7 @@ def make_optimizer(method, model: nn.Module, lr: float) -> torch.optim.Optimizer
 
 
 def base_model(method, family: Family) -> nn.Module:
-    return family.load(method.base_quantization or "none", seed=0)
+    return family.load(method.traits.base_quantization or "none", seed=0)
 
 
 @pytest.fixture(scope="module", params=MATRIX, ids=MATRIX_IDS)

@@ -16,7 +16,7 @@ from ftlab.config import OptimizerSettings, SchedulerSettings
 from ftlab.errors import ConfigError
 from ftlab.methods import build_method, count_parameters
 from ftlab.methods.native.lora import LoraLinear, lora_layers
-from ftlab.module import FinetuneModule
+from ftlab.training.module import FinetuneModule
 
 TARGETS = ["q_proj", "v_proj"]
 

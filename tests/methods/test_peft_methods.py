@@ -15,13 +15,13 @@ from torch.utils.data import DataLoader
 from ftlab.config import ModelSettings, OptimizerSettings, SchedulerSettings
 from ftlab.data.collate import Collator
 from ftlab.errors import ConfigError
-from ftlab.methods import build_method, count_parameters
-from ftlab.methods.peft_methods import check_quantized_base
+from ftlab.methods import count_parameters
+from ftlab.methods.quantized import check_quantized_base
 from ftlab.models import load_model, meta_model
 from ftlab.models.loading import check_quantization
-from ftlab.module import FinetuneModule
+from ftlab.training.module import FinetuneModule
 
-from .tiny import ARCH, BAD_CONTEXT, BAD_VALUES, build, fixed_batch, method_kwargs, tiny_settings
+from .tiny import ARCH, BAD_CONTEXT, BAD_VALUES, build, tiny_settings
 
 PEFT_METHODS = ["dora", "pissa", "lora_plus", "vera", "qlora", "adalora", "ia3", "loha", "lokr",
                 "prompt_tuning", "p_tuning", "prefix_tuning"]
@@ -204,8 +204,8 @@ def test_validation_loss_is_plain_cross_entropy(name, tiny_model):
 # ----------------------------------------------------------------------------- QLoRA and quantized bases
 def test_qlora_trains_lora_over_an_nf4_base_on_the_cpu(batch):
     method = build("qlora")
-    assert method.base_quantization == "nf4"
-    base, _ = load_model(tiny_settings(method.base_quantization), seed=0)
+    assert method.traits.base_quantization == "nf4"
+    base, _ = load_model(tiny_settings(method.traits.base_quantization), seed=0)
     import bitsandbytes as bnb
 
     q_proj = base.model.layers[0].self_attn.q_proj
@@ -323,9 +323,9 @@ def test_only_virtual_token_parameters_train(name, tiny_model):
                                         ("p_tuning", {}), ("prefix_tuning", {}),
                                         ("prefix_tuning", {"projection": True, "encoder_hidden_size": 16})])
 def test_generation_with_left_padding_matches_one_prompt_at_a_time(name, extra, tiny_model):
-    """ftlab.evaluate batches prompts with left padding; a prompt model must answer each prompt
+    """ftlab.metrics.generation batches prompts with left padding; a prompt model must answer each prompt
     the same as when it is alone."""
-    from ftlab.evaluate import generate_answers
+    from ftlab.metrics.generation import generate_answers
     from ftlab.models.tiny import byte_level_tokenizer
 
     tok = byte_level_tokenizer()

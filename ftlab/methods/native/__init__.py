@@ -1,7 +1,6 @@
 """Methods implemented from scratch (no library has them, or as readable references).
 
-Importing this package registers ``delta_lora``, ``lora_fa`` and ``adapter``; native LoRA and
-VeRA are the ``method.backend=native`` branches of the ``lora`` and ``vera`` builders.
+Each module registers its builders when the registry imports it: ``delta_lora``, ``lora_fa``
+and ``adapter``; native LoRA and VeRA are the ``method.backend=native`` branches of the
+``lora`` and ``vera`` builders (``ftlab/methods/peft/lora.py``).
 """
-
-from ftlab.methods.native import adapter, delta_lora, lora, lora_fa, vera  # noqa: F401

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import ConfigError, check_choice, check_positive
-from ftlab.methods.base import PlainHooks, freeze
+from ftlab.methods.base import PlainHooks, Traits, freeze
 from ftlab.methods.native.common import (
     adapter_dtype,
     classification_heads,
@@ -104,7 +104,10 @@ class BottleneckAdapters(PlainHooks):
     init_scale: float = 1e-3
     target_modules: Any = "auto"
     name: str = "adapter"
-    base_quantization: str | None = None
+    traits = Traits(artifact_format="own", mergeable=False, changes_model_at_init=True,
+                    merge_note="a bottleneck adapter has a nonlinearity between its two projections, "
+                               "so it is not a change of any weight matrix. Export the adapter instead "
+                               "(--adapter OUT; ftlab's own format, loaded by ftlab.eval)")
 
     def _targets(self, model: nn.Module):
         return auto_targets(model) if self.target_modules == "auto" else self.target_modules
@@ -158,7 +161,7 @@ def adapter(bottleneck: int = 64, nonlinearity: str = "gelu", init_scale: float 
     check_choice("method.nonlinearity", nonlinearity, NONLINEARITIES)
     check_positive("method.init_scale", init_scale)
     if target_modules != "auto":
-        from ftlab.methods.peft_methods import check_targets
+        from ftlab.methods.checks import check_targets
 
         target_modules = check_targets(target_modules)
     return BottleneckAdapters(bottleneck=bottleneck, nonlinearity=nonlinearity, init_scale=float(init_scale),

@@ -77,7 +77,7 @@ def matches(module_name: str, targets: list[str]) -> bool:
 def resolve_targets(model: nn.Module, target_modules) -> list[str]:
     """Target names as a list; ``all-linear`` means every linear layer but the output head."""
     if target_modules == "all-linear":
-        from ftlab.methods.peft_methods import linear_module_names
+        from ftlab.methods.targets import linear_module_names
 
         return linear_module_names(model)
     return [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -88,7 +88,7 @@ def find_targets(model: nn.Module, target_modules, *, key: str = "method.target_
 
     Raises :class:`ConfigError` when nothing matches, or when a match is a layer type the
     native methods cannot wrap (a quantized layer, an embedding, a whole block)."""
-    from ftlab.methods.peft_methods import linear_module_names
+    from ftlab.methods.targets import linear_module_names
 
     targets = resolve_targets(model, target_modules)
     kinds = (nn.Linear, conv1d_type())

@@ -45,10 +45,10 @@ import torch
 from torch import nn
 
 from ftlab.errors import ConfigError, check_positive
-from ftlab.methods.base import default_param_groups
+from ftlab.methods.base import Traits, default_param_groups
 from ftlab.methods.native.common import PEFT_PREFIX, head_tensors, load_named, read_peft_format, save_peft_format
 from ftlab.methods.native.lora import LoraLinear, NativeLora, lora_layers, peft_lora_config
-from ftlab.methods.peft_methods import check_targets
+from ftlab.methods.checks import check_targets
 from ftlab.methods.registry import register
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A, B)
@@ -72,7 +72,8 @@ class DeltaLora:
     start_step: int = 500
     target_modules: Any = ("q_proj", "v_proj")
     name: str = "delta_lora"
-    base_quantization: str | None = None
+    traits = Traits(merge_note="Delta-LoRA also moved the base weights during training: writing its "
+                               "full weights (base + its weight updates + the low-rank adapter)")
     step: int = field(default=0, init=False)
     _layers: dict[str, LoraLinear] = field(default_factory=dict, init=False, repr=False)
     _prev: dict[str, Factors] = field(default_factory=dict, init=False, repr=False)
@@ -105,6 +106,9 @@ class DeltaLora:
         return default_param_groups(model, lr, weight_decay)
 
     @torch.no_grad()
+    def build_optimizer(self, model: nn.Module, lr: float, weight_decay: float):
+        return None  # the configured optimizer over param_groups
+
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         moving = (step - 1) > self.start_step and self.update_ratio != 0
         for name, layer in self._layers.items():

@@ -131,7 +131,6 @@ class NativeLora(PlainHooks):
     use_rslora: bool = False
     train_A: bool = True
     name: str = "lora"
-    base_quantization: str | None = None
 
     def check(self, model: nn.Module) -> None:
         find_targets(model, self.target_modules)

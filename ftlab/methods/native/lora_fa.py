@@ -44,7 +44,7 @@ from torch import nn
 from ftlab.errors import check_choice
 from ftlab.methods.base import PlainHooks
 from ftlab.methods.native.lora import NativeLora, lora_layers
-from ftlab.methods.peft_methods import check_low_rank, check_targets
+from ftlab.methods.checks import check_low_rank, check_targets
 from ftlab.methods.registry import register
 
 VARIANTS = ("paper", "peft_optimizer")
@@ -60,7 +60,6 @@ class LoraFA(PlainHooks):
     target_modules: Any = ("q_proj", "v_proj")
     variant: str = "paper"
     name: str = "lora_fa"
-    base_quantization: str | None = None
 
     def _lora(self) -> NativeLora:
         return NativeLora(r=self.r, alpha=self.alpha, dropout=self.dropout,

@@ -137,7 +137,6 @@ class NativeVera(PlainHooks):
     target_modules: Any = ("q_proj", "v_proj")
     save_projection: bool = True
     name: str = "vera"
-    base_quantization: str | None = None
 
     def check(self, model: nn.Module) -> None:
         find_targets(model, self.target_modules)

@@ -10,7 +10,7 @@ and precision. This module
 - builds the Lightning strategy (:func:`build_strategy`); FSDP wraps each decoder layer;
 - fixes the dtype rule every run and the planner (:mod:`ftlab.plan`) share
   (:func:`param_dtype`);
-- says which process may write the run's outputs (:func:`is_rank_zero`).
+- says which process may write the run's outputs (:func:`ftlab.console.is_rank_zero`).
 
 Precision rule (``hardware.precision``, orthogonal to ``model.quantization``):
 
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import os
 from typing import Any
 
 import torch
@@ -247,20 +246,6 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if getattr(target.config, "use_cache", None):
         target.config.use_cache = False  # a KV cache is useless in training and clashes with it
-
-
-# ------------------------------------------------------------------------------- ranks
-def is_rank_zero() -> bool:
-    """Whether this process is global rank 0, from the launcher's environment.
-
-    Lightning's own launcher sets ``LOCAL_RANK``/``NODE_RANK`` in the processes it starts,
-    torchrun sets ``RANK``, SLURM ``SLURM_PROCID``; a process none of them started is rank 0.
-    Usable before any Trainer exists (the CLI decides here whether it may write)."""
-    for var in ("RANK", "SLURM_PROCID", "NODE_RANK", "LOCAL_RANK"):
-        value = os.environ.get(var)
-        if value not in (None, "", "0"):
-            return False
-    return True
 
 
 # ----------------------------------------------------------------- launcher resolvers

@@ -1,15 +1,18 @@
-"""A test-only probe of multi-process runs, off unless ``FTLAB_PROBE_DIR`` is set.
+"""A probe of multi-process runs, for tests/test_hardware.py (not part of ftlab).
 
-tests/test_hardware.py runs the real CLI with ``hardware=ddp`` on two CPU processes and needs
-to see what each rank really did. With ``FTLAB_PROBE_DIR=<dir>`` every rank writes, outside
-the run directory:
+The test runs the real CLI with ``hardware=ddp`` on two CPU processes and needs to see what
+each rank really did. It adds :class:`ProbeCallback` as a user callback
+(``+callbacks.probe._target_=ftlab_probe.ProbeCallback``), and puts this directory on
+``PYTHONPATH`` so that ``sitecustomize.py`` starts :func:`watch_writes` in every process
+(the processes Lightning starts for the other ranks too). Every rank writes into
+``FTLAB_PROBE_DIR``, outside the run directory:
 
 - ``rank<r>.pt`` (at the end of fit): the token rows of every training batch it drew; for the
   first optimizer step, the trainable parameters before it, the batch, the gradients the
   optimizer received and the parameters after it;
 - ``rank<r>-writes.json`` (at exit): every file or directory the process created or opened
-  for writing under the run directory, seen by a Python audit hook (``sys.addaudithook``), so
-  "only rank zero writes the outputs" is observed, not assumed.
+  for writing under ``FTLAB_PROBE_RUN_DIR``, seen by a Python audit hook
+  (``sys.addaudithook``), so "only rank zero writes the outputs" is observed, not assumed.
 """
 
 from __future__ import annotations
@@ -27,19 +30,8 @@ _writes: list[str] = []
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
-def enabled() -> bool:
-    return bool(os.environ.get(ENV))
-
-
-def callbacks() -> list:
-    """The probe's Lightning callback when ``FTLAB_PROBE_DIR`` is set, else nothing."""
-    return [_ProbeCallback(Path(os.environ[ENV]))] if enabled() else []
-
-
 def watch_writes(run_dir: str | Path) -> None:
-    """Record every write under ``run_dir`` made by this process (no-op without the probe)."""
-    if not enabled():
-        return
+    """Record every write under ``run_dir`` made by this process."""
     root = os.path.realpath(run_dir)
 
     def hook(event: str, args: tuple) -> None:
@@ -80,9 +72,9 @@ def _trainable(module) -> dict[str, torch.Tensor]:
 try:
     import lightning as L
 
-    class _ProbeCallback(L.Callback):
-        def __init__(self, out: Path) -> None:
-            self.out = out
+    class ProbeCallback(L.Callback):
+        def __init__(self) -> None:
+            self.out = Path(os.environ[ENV])
             self.record: dict = {"rows": []}
 
         def on_train_start(self, trainer, pl_module) -> None:

@@ -22,7 +22,6 @@ biases and norms).
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
@@ -76,26 +75,6 @@ def check_optimizer(settings: OptimizerSettings, hardware, *, here: bool = True)
         f"optimizer {name} (bitsandbytes) pages its states through CUDA unified memory, which "
         f"needs a CUDA GPU, but {where}; bitsandbytes would silently train unpaged. Use {instead} "
         f"(8-bit states, runs on the CPU) here, or hardware=gpu on a machine with a CUDA GPU")
-
-
-def explain_optimizer_error(target: str | None, err: Exception) -> str:
-    """One line for an optimizer config that cannot be built (``err``: what Hydra raised); a
-    package that cannot be imported (bitsandbytes missing, or its native library broken) says
-    which, why and what to do instead."""
-    package = str(target or "").split(".")[0]
-    if package:
-        try:
-            importlib.import_module(package)
-        except Exception as missing:  # noqa: BLE001  any import failure means it cannot run here
-            detail = " ".join(str(missing).split())[:200]
-            advice = ("pip install 'bitsandbytes>=0.50', or use optimizer=adamw"
-                      if package == "bitsandbytes" else f"install {package}, or use optimizer=adamw")
-            return (f"optimizer {target} needs the {package} package, which cannot be imported "
-                    f"here ({type(missing).__name__}: {detail}); {advice}")
-    shown = err.__cause__ or err
-    text = str(shown).strip()
-    first = text.splitlines()[0] if text else type(shown).__name__
-    return f"cannot build optimizer {target!r}: {first}"
 
 
 def lr_lambda(schedule: SchedulerSettings, total_steps: int):

@@ -8,7 +8,7 @@
   every rank saves at the same step.
 - **SIGKILL** cannot be caught: what protects the run then is that checkpoints, the adapter and
   ``metrics.json`` are written to a temporary name and renamed into place
-  (:class:`ftlab.resume.AtomicCheckpointIO`), so the previous checkpoint stays whole.
+  (:class:`ftlab.training.checkpoints.AtomicCheckpointIO`), so the previous checkpoint stays whole.
 - **A NaN or infinite loss** stops the run before that step's backward pass (the parameters
   are not touched), with a message naming the step; the checkpoints written so far stay, and
   ``metrics.json`` says ``"status": "failed"``.
@@ -26,6 +26,7 @@ import lightning as L
 import torch
 
 from ftlab.errors import UserError
+from ftlab.training.checkpoints import checkpoints
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
 
@@ -145,8 +146,6 @@ def supervise(stop: GracefulStop, run_dir: Path, result: dict[str, Any],
         print(f"ftlab: interrupted by {err.signal_name} {where}; {saved}", file=sys.stderr, flush=True)
         raise
     except NonFiniteLoss as err:
-        from ftlab.resume import checkpoints
-
         kept = checkpoints(run_dir)
         result.update(status="failed", error=str(err), failed_at_step=err.step,
                       last_checkpoint=str(max(kept, key=lambda p: p.stat().st_mtime)) if kept else None,

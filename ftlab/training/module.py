@@ -23,8 +23,8 @@ from ftlab.config import OptimizerSettings, SchedulerSettings
 from ftlab.data.collate import model_inputs, real_tokens
 from ftlab.data.encode import IGNORE_INDEX
 from ftlab.methods.base import Method
-from ftlab.metrics import peak_memory_mb
-from ftlab.optim import build_optimizer, build_scheduler
+from ftlab.metrics.memory import peak_memory_mb
+from ftlab.training.optim import build_optimizer, build_scheduler
 
 
 class FinetuneModule(L.LightningModule):
@@ -142,10 +142,9 @@ class FinetuneModule(L.LightningModule):
     # -- optimizer ---------------------------------------------------------------------------
     def configure_optimizers(self):
         s = self.optimizer_settings
-        # Optional hook for a method that needs its own optimizer class (LoRA-FA's peft
-        # variant); it returns None to use the configured optimizer over its groups.
-        own = getattr(self.method, "build_optimizer", None)
-        optimizer = own(self.model, s.lr, s.weight_decay) if own else None
+        # A method may bring its own optimizer class (LoRA-FA's peft variant); None means the
+        # configured optimizer over the method's parameter groups.
+        optimizer = self.method.build_optimizer(self.model, s.lr, s.weight_decay)
         if optimizer is None:
             optimizer = build_optimizer(s, self.method.param_groups(self.model, s.lr, s.weight_decay))
         scheduler = build_scheduler(self.scheduler_settings, optimizer, self.total_steps)

@@ -1,0 +1,90 @@
+"""Sweeps: ``sweep=NAME`` expands ``sweeps/NAME.yaml`` into a Hydra multirun, and a
+multirun's override grid expands into one override list per job (for checking every job
+before any of them starts).
+
+A sweep file holds ``params`` (one job per combination, Hydra sweep syntax, or an Optuna
+search space with ``sweeper: optuna``) and ``overrides`` (fixed for every job); ``method: all``
+stands for every registered method. Overrides typed on the command line win over both, so any
+sweep can be pointed at another model or data: ``python -m ftlab sweep=methods model=tiny-llama``.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from ftlab.errors import ConfigError, did_you_mean
+from ftlab.methods import available as registered_methods
+from ftlab.settings import first_line, sweeps_dir
+
+MAX_PREFLIGHT_JOBS = 512
+
+
+def expand_sweep(argv: list[str]) -> list[str]:
+    """``sweep=NAME`` -> the multirun that ``sweeps/NAME.yaml`` defines (module docstring)."""
+    import yaml
+
+    chosen = [a for a in argv if a.split("=", 1)[0] in ("sweep", "+sweep")]
+    if not chosen:
+        return argv
+    name = chosen[-1].split("=", 1)[1]
+    available = sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
+    path = sweeps_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no sweep named {name!r}{did_you_mean(name, available)}; "
+                          f"sweeps in {sweeps_dir()}: {', '.join(available)}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    rest = [a for a in argv if a not in chosen]
+    typed = {a.split("=", 1)[0].lstrip("+~") for a in rest if "=" in a and not a.startswith("-")}
+    expanded: list[str] = []
+    if spec.get("sweeper") == "optuna":
+        expanded += ["hydra/sweeper=optuna",
+                     f"hydra.sweeper.direction={spec.get('direction', 'minimize')}",
+                     f"hydra.sweeper.n_trials={spec.get('n_trials', 10)}",
+                     "hydra.sweeper.n_jobs=1",
+                     f"hydra.sweeper.sampler.seed={spec.get('seed', 0)}"]
+    for key, value in {**spec.get("overrides", {}), **spec.get("params", {})}.items():
+        if key == "method" and value == "all":
+            value = ",".join(registered_methods())  # the registry is the one list of methods
+        if key not in typed:
+            expanded.append(f"{key}={_override_value(value)}")
+    expanded.append(f"sweep_name={name}")
+    if "hydra.sweep.dir" not in typed:
+        expanded.append(f"hydra.sweep.dir=multirun/{name}/${{now:%Y-%m-%d_%H-%M-%S}}")
+    multirun = [] if {"-m", "--multirun"} & set(rest) else ["-m"]
+    return multirun + expanded + rest
+
+
+def _override_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(map(str, value)) + "]"
+    return "null" if value is None else str(value)
+
+
+def expand_jobs(overrides: list[str]) -> list[list[str]]:
+    """One override list per job: sweeps (``a=1,2``, ``range(...)``) are expanded."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"cannot parse the overrides: {first_line(err)}") from None
+    axes: list[list[str]] = []
+    for o in parsed:
+        if o.is_sweep_override():
+            try:
+                values = list(o.sweep_string_iterator())
+            except Exception:  # noqa: BLE001  interval(...) etc.: a sweeper samples it later
+                values = None
+            key = o.get_key_element()
+            # A sampled search space (Optuna's interval/tag) is left to the sweeper.
+            axes.append([f"{key}={v}" for v in values] if values else [None])
+        else:
+            axes.append([o.input_line])
+    jobs = []
+    for combo in itertools.product(*axes):
+        jobs.append([c for c in combo if c is not None])
+        if len(jobs) >= MAX_PREFLIGHT_JOBS:
+            break
+    return jobs
