@@ -187,8 +187,9 @@ def _task(cfg) -> float:
             return math.nan  # a plan (plan.json) has no objective
         objective = metrics.get(cfg.get("objective") or "val_loss")
         if objective is None:
+            numeric = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)))
             raise ConfigError(f"objective={cfg.get('objective')!r} is not a key of metrics.json; "
-                              f"numeric keys: {', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
+                              f"numeric keys: {numeric}")
         return float(objective)
     except UserError as err:
         if not multirun:

@@ -78,4 +78,5 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
     warnings.filterwarnings("ignore", message=".*does not have many workers which may be a bottleneck")
-    warnings.filterwarnings("ignore", message=".*The number of training batches .* is smaller than the logging interval")
+    warnings.filterwarnings("ignore",
+                            message=".*The number of training batches .* is smaller than the logging interval")

@@ -111,7 +111,8 @@ def export_adapter(run_dir: str | Path, out: str | Path, best: bool = False) -> 
     elif fmt == "own":
         how = "ftlab (its own format; python -m ftlab.eval reads it)"
     else:
-        peft_auto = "AutoPeftModelForSequenceClassification" if settings.model.task == "seq_cls" else "AutoPeftModelForCausalLM"
+        peft_auto = ("AutoPeftModelForSequenceClassification" if settings.model.task == "seq_cls"
+                     else "AutoPeftModelForCausalLM")
         how = (f"peft.{peft_auto}.from_pretrained({str(out)!r})" if base else
                f"peft.PeftModel.from_pretrained(<the base model>, {str(out)!r}) (the base was built "
                "in code, so no path to it is recorded)")

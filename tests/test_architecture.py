@@ -12,7 +12,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ftlab"
 ENTRY_POINTS = {"ftlab.cli", "ftlab.__main__", "ftlab.eval", "ftlab.export", "ftlab.report"}

@@ -75,5 +75,5 @@ def test_help_lists_every_group_option():
     proc = run_cli("--help")
     assert proc.returncode == 0, proc.stderr
     for group in GROUPS:
-        line = next(l for l in proc.stdout.splitlines() if l.startswith(f"{group}:"))
+        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(f"{group}:"))
         assert set(o.strip() for o in line.split(":", 1)[1].split(",")) == set(options(group))

@@ -38,7 +38,7 @@ def test_report_rows_match_the_jobs_metrics(sweep):
     sweep_dir, _ = sweep
     proc = run_cli(str(sweep_dir), module="ftlab.report")
     assert proc.returncode == 0, proc.stderr
-    table = [l for l in proc.stdout.splitlines() if l.startswith("| ")]
+    table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
     assert len(table) == 1 + 3  # header + one row per job
     with open(sweep_dir / "report.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -79,7 +79,7 @@ def test_a_classification_sweep_reports_accuracy_and_plots_it(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     proc = run_cli(str(sweep_dir), module="ftlab.report")
     assert proc.returncode == 0, proc.stderr
-    header, _, *rows = [l for l in proc.stdout.splitlines() if l.startswith("|")]
+    header, _, *rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert "val_accuracy" in columns and "val_f1" in columns and "val_exact_match" not in columns
     for row in rows:
@@ -93,7 +93,7 @@ def test_report_shows_each_jobs_learning_rate_and_the_columns_asked_for(sweep):
     sweep_dir, _ = sweep
     proc = run_cli(str(sweep_dir), "--columns", "job,lr,val_loss,status", module="ftlab.report")
     assert proc.returncode == 0, proc.stderr
-    header, _, *rows = [l for l in proc.stdout.splitlines() if l.startswith("|")]
+    header, _, *rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("|")]
     assert [c.strip() for c in header.strip("|").split("|")] == ["job", "lr", "val_loss", "status"]
     for row in rows:
         job, lr, _, status = (c.strip() for c in row.strip("|").split("|"))

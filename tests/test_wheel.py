@@ -40,7 +40,8 @@ def test_installed_wheel_lists_groups_and_runs(installed, tmp_path):
                 "logger=none", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "completed"
-    probe = subprocess.run([sys.executable, "-c", "import ftlab, ftlab.cli; print(ftlab.__file__); print(ftlab.cli.config_dir())"],
+    code = "import ftlab, ftlab.settings; print(ftlab.__file__); print(ftlab.settings.config_dir())"
+    probe = subprocess.run([sys.executable, "-c", code],
                            env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path,
                            capture_output=True, text=True)
     assert str(target) in probe.stdout.splitlines()[0]

@@ -38,8 +38,8 @@ def evaluate_held_out(trainer, module, data, s: RunSettings, records, tokenizer,
         out[f"val_answer_f1{suffix}"] = gen.f1
         out[f"val_bleu{suffix}"] = gen.bleu
         out[f"val_rouge_l{suffix}"] = gen.rouge_l
-        out[f"samples{suffix}"] = [{"prompt": p, "prediction": y, "reference": r}
-                                   for p, y, r in list(zip(gen.prompts, gen.predictions, gen.references))[: s.eval.show_samples]]
+        shown_samples = list(zip(gen.prompts, gen.predictions, gen.references))[: s.eval.show_samples]
+        out[f"samples{suffix}"] = [{"prompt": p, "prediction": y, "reference": r} for p, y, r in shown_samples]
         say(f"Held-out ({len(data.val_set)} examples): {shown}, exact match {gen.exact_match:.1%}, "
             f"answer F1 {gen.f1:.1%}, BLEU {gen.bleu:.1%}, ROUGE-L {gen.rouge_l:.1%} "
             f"on {len(records)} greedy answers")

@@ -12,7 +12,6 @@ import csv
 import json
 import os
 import textwrap
-from pathlib import Path
 
 import pytest
 from conftest import assert_usage_error, run_cli
@@ -101,7 +100,8 @@ def test_a_plugin_method_runs_in_a_sweep_reports_and_exports(plugin, tmp_path):
     out = tmp_path / "exported"
     exported = run_cli(str(jobs["toy_norms"]), "--adapter", str(out), module="ftlab.export", env=env)
     assert exported.returncode == 0, exported.stderr[-2000:]
-    assert (out / "norms.safetensors").read_bytes() == (jobs["toy_norms"] / "adapter" / "norms.safetensors").read_bytes()
+    saved = jobs["toy_norms"] / "adapter" / "norms.safetensors"
+    assert (out / "norms.safetensors").read_bytes() == saved.read_bytes()
     merged = run_cli(str(jobs["toy_norms"]), "--merge", str(tmp_path / "merged"), module="ftlab.export", env=env)
     assert_usage_error(merged, "cannot be merged", "not a weight delta here")
 

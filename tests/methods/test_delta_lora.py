@@ -29,8 +29,9 @@ def train_by_hand(m, model, steps: int):
     layers = lora_layers(model)
     frozen = {id(layer.base_layer.weight) for layer in layers.values()}
     assert not any(id(p) in frozen for g in optimizer.param_groups for p in g["params"])
-    factors = [{n: (l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone()) for n, l in layers.items()}]
-    weights = [{n: l.base_layer.weight.detach().clone() for n, l in layers.items()}]
+    factors = [{n: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone())
+                for n, layer in layers.items()}]
+    weights = [{n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}]
     b = plain_batch()
     for step in range(1, steps + 1):
         model(**b).loss.backward()
@@ -38,9 +39,9 @@ def train_by_hand(m, model, steps: int):
         optimizer.step()
         optimizer.zero_grad()
         m.after_optimizer_step(model, step, steps)
-        factors.append({n: (l.lora_A.weight.detach().clone(), l.lora_B.weight.detach().clone())
-                        for n, l in layers.items()})
-        weights.append({n: l.base_layer.weight.detach().clone() for n, l in layers.items()})
+        factors.append({n: (layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone())
+                        for n, layer in layers.items()})
+        weights.append({n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()})
     assert not optimizer.state_dict()["state"].keys() - set(range(2 * len(layers)))  # no state for W
     return factors, weights
 
@@ -76,8 +77,8 @@ def test_only_A_B_train_and_nothing_else_moves():
     m = method("llama")
     model = m.apply(copy.deepcopy(base), STEPS)
     layers = lora_layers(model)
-    assert count_parameters(model)[0] == sum(R * (l.in_features + l.out_features) for l in layers.values())
-    assert all(isinstance(l.lora_dropout, torch.nn.Identity) for l in layers.values())  # no dropout
+    assert count_parameters(model)[0] == sum(R * (layer.in_features + layer.out_features) for layer in layers.values())
+    assert all(isinstance(layer.lora_dropout, torch.nn.Identity) for layer in layers.values())  # no dropout
     train_by_hand(m, model, STEPS)
     moved = {f"{n}.base_layer.weight" for n in layers}
     original = dict(base.named_parameters())
