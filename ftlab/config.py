@@ -188,6 +188,9 @@ class EvalSettings:
     max_new_tokens: int = 16
     max_examples: int = 64
     show_samples: int = 4
+    # Reuse the "before" scores of an earlier run with the same base model, data, evaluation
+    # and precision when the method leaves the model unchanged at initialisation.
+    cache_before: bool = True
 
     def __post_init__(self) -> None:
         check_positive("eval.max_new_tokens", self.max_new_tokens, integer=True)

@@ -24,10 +24,11 @@ from ftlab.errors import ConfigError
 from ftlab.io import atomic_directory, write_json
 from ftlab.methods import count_parameters, method_from_spec
 from ftlab.methods.quantized import base_quantization, check_quantized_base
-from ftlab.metrics.memory import peak_memory_mb, reset_peak_memory
+from ftlab.metrics.memory import peak_memory_mb, process_age_s, reset_peak_memory
 from ftlab.models import check_available, load_model, meta_model
 from ftlab.planning.counts import parameter_summary
 from ftlab.training.checkpoints import AtomicCheckpointIO, RunState, checkpoint_identity
+from ftlab.training import eval_cache
 from ftlab.training.evaluation import VAL_SCORES, evaluate_held_out
 from ftlab.training.faults import GracefulStop, NonFiniteLossGuard, supervise
 from ftlab.training.hardware import (build_strategy, check_hardware, enable_gradient_checkpointing,
@@ -81,6 +82,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
 
     ``resume``: continue from a checkpoint of this run (:mod:`ftlab.resume`)."""
     started = time.perf_counter()
+    clock = _PhaseClock(started)
     reset_peak_memory()  # this run's peak, not that of earlier jobs in the same process (multirun)
     run_dir = Path(s.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -93,6 +95,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     data = DataModule(s.data, tokenizer=None)
     data.check_files()
 
+    clock.lap("setup")
     L.seed_everything(s.seed, workers=True, verbose=False)
     say(f"ftlab: model {s.model.name!r}, method {s.method['name']!r}, data {s.data.name!r} -> {run_dir}")
     model_settings = dataclasses.replace(s.model, quantization=base_quantization(method, s.model.quantization))
@@ -120,6 +123,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     trainer = _trainer(s, run_dir, logger, model, callbacks=[state, NonFiniteLossGuard(), stop])
     writer = trainer.is_global_zero  # only rank zero writes the run's outputs
 
+    clock.lap("load")
     eval_records = data.val_records[: s.eval.max_examples]
     result: dict[str, Any] = {"status": "running", "method": s.method["name"], "model": s.model.name,
                               "data": s.data.name, "run_name": label,
@@ -137,12 +141,13 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
                       resumed_at_step=resume.step)
         resume.keep_logs(trainer)
     elif s.eval.before:
-        say("Evaluating before training ...")
-        result.update(evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, "_initial"))
+        result.update(_evaluate_before(s, method, trainer, module, data, eval_records, tokenizer,
+                                       model_settings.quantization, writer))
         module.val_history.clear()
         module.val_history.append({"step": 0, **{k: result[f"{k}_initial"] for k in VAL_SCORES
                                                  if f"{k}_initial" in result}})
 
+    clock.lap("eval_before")
     if writer:  # "running", with the numbers before training: an interrupted run keeps them
         write_json(run_dir / "metrics.json", result)
 
@@ -157,18 +162,22 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
                     val_dataloaders=own_generator(data.val_dataloader()),
                     ckpt_path=str(resume.checkpoint) if resume is not None else None)
     train_time = time.perf_counter() - fit_start
+    clock.lap("train")
     ckpt_dir = run_dir / "checkpoints"
     if writer:
         ckpt_dir.mkdir(exist_ok=True)
     trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))  # every rank calls; rank zero writes
+    clock.lap("checkpoint")  # the last checkpoint
     final = evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, "")
     result.update(final)
+    clock.lap("eval_after")
 
     with full_parameters(trainer, module.model):  # every rank enters: sharded weights gather
         if writer:
             _save_trained(method, module, tokenizer, run_dir / method.traits.artifact)
 
     result["best"] = _keep_best(trainer, module, method, tokenizer, s, run_dir, writer)
+    clock.lap("save")
     result.update(module.throughput())
     result.update({
         "status": "completed",
@@ -177,6 +186,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
         "peak_memory_mb": peak_memory_mb(),
         "train_time_s": train_time,
         "wall_time_s": time.perf_counter() - started,
+        **clock.summary(),
         "val_history": module.val_history,
         "train_loss_history": module.train_losses,
     })
@@ -185,6 +195,56 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     say(_final_report(result))
     finish_logger(logger, s.logger, result)
     return result
+
+
+class _PhaseClock:
+    """Where a job's wall time goes: ``setup`` (checks, data files), ``load`` (weights, data,
+    method), ``eval_before``, ``train``, ``checkpoint``, ``eval_after``, ``save`` (adapters), in
+    seconds; the first job of a process also gets ``startup`` (interpreter and imports, from the
+    process's start). Sweeps are many jobs: what is not training is what to cut."""
+
+    _first_job = True
+
+    def __init__(self, started: float):
+        self.started = self.last = started
+        self.phases: dict[str, float] = {}
+        if _PhaseClock._first_job:
+            _PhaseClock._first_job = False
+            age = process_age_s()
+            if age is not None:
+                self.phases["startup"] = age
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def summary(self) -> dict[str, Any]:
+        wall = self.last - self.started + self.phases.get("startup", 0.0)
+        outside = wall - self.phases.get("train", 0.0)
+        return {"time_s": {k: round(v, 3) for k, v in self.phases.items()},
+                "outside_training_share": round(outside / wall, 4) if wall > 0 else None}
+
+
+def _evaluate_before(s: RunSettings, method, trainer, module, data, records, tokenizer, quantization: str,
+                     writer: bool) -> dict[str, Any]:
+    """The held-out scores before training (``*_initial``), reused from ``$FTLAB_CACHE/evals``
+    when the method starts as the identity (:mod:`ftlab.training.eval_cache`). The evaluation
+    draws nothing from the global random generators, so training goes on identically whether
+    it ran or was reused."""
+    reusable = (s.eval.cache_before and not method.traits.changes_model_at_init and trainer.world_size == 1)
+    key = eval_cache.cache_key(s, quantization) if reusable else None
+    cached = eval_cache.load(key) if key else None
+    if cached is not None:
+        say("Before training: the base model's scores, reused from an earlier run with the same base "
+            f"model, data, evaluation and precision ({eval_cache.cache_path(key)})")
+        return {**cached, "eval_before_reused": True}
+    say("Evaluating before training ...")
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        scores = evaluate_held_out(trainer, module, data, s, records, tokenizer, "_initial")
+    if key and writer:
+        eval_cache.save(key, scores)
+    return scores
 
 
 def _keep_best(trainer, module, method, tokenizer, s: RunSettings, run_dir: Path, writer: bool):

@@ -1,5 +1,5 @@
-"""Measurements shared by training and evaluation: peak memory (generation scores live in
-ftlab.evaluate).
+"""Measurements of a run's cost: peak memory, and the age of the process (the start-up part
+of a job's wall time). Generation scores live in :mod:`ftlab.metrics.generation`.
 
 Peak memory is per run, not per process: the jobs of a Hydra multirun share one process, so
 each run starts a new peak with :func:`reset_peak_memory`. On a GPU that is CUDA's allocator
@@ -17,6 +17,7 @@ import ctypes
 import gc
 import resource
 import sys
+import os
 from pathlib import Path
 
 import torch
@@ -67,3 +68,13 @@ def peak_memory_mb() -> float:
         return hwm / 1024
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux: ``/proc/self/stat``), or None elsewhere."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None

@@ -69,7 +69,9 @@ def dora(r: int = 8, alpha: float = 16, dropout: float = 0.05,
     """
     check_low_rank(r, alpha, dropout)
     targets = check_targets(target_modules)
-    return PeftMethod("dora", _lora_config(r, alpha, dropout, targets, use_dora=True))
+    # m * W0 / ||W0|| equals W0 only up to rounding: the model is not bit-identical at step 0.
+    return PeftMethod("dora", _lora_config(r, alpha, dropout, targets, use_dora=True),
+                      traits=Traits(quantized_base=True, changes_model_at_init=True))
 
 
 @register("pissa")
