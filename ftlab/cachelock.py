@@ -1,0 +1,73 @@
+"""One writer per shared cache entry under ``$FTLAB_CACHE``; readers never see half an entry.
+
+Several runs may start at once on an empty cache (a sweep, a SLURM array, three terminals).
+Each cache (the converted GGUF model, the tokenised data) follows the same protocol:
+
+1. look for a complete entry without any lock (the common case, and cheap);
+2. otherwise take the entry's lock (:func:`hold`), look again (another process may have
+   finished it while this one waited), and only then build it;
+3. build into a temporary directory next to the target and move it into place with
+   :func:`publish`, so the entry appears whole or not at all.
+
+The lock is an OS-level ``flock`` on ``.<entry>.lock`` (the ``filelock`` package): the kernel
+drops it when its holder exits, killed or not, so a crashed run never blocks the next one.
+A filesystem without ``flock`` makes ``filelock`` fall back to a marker file, which a killed
+process leaves behind; ``$FTLAB_CACHE`` belongs on a local disk or one that supports ``flock``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from filelock import FileLock, Timeout
+
+
+def lock_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.lock"
+
+
+@contextmanager
+def hold(target: Path, what: str) -> Iterator[None]:
+    """Hold the lock of cache entry ``target`` (waiting for it, however long, with one notice)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path(target)))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        # Waiting silently for a 30-second conversion looks like a hang.
+        print(f"ftlab: waiting for another process that is {what} ({lock_path(target)})",
+              file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def scratch_dir(target: Path) -> Path:
+    """A fresh temporary directory beside ``target`` (same filesystem, so the rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}-tmp-", dir=target.parent))
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Move the finished directory ``tmp`` to ``target``, replacing what is there.
+
+    A directory cannot be swapped atomically for a non-empty one, so an old entry is first
+    renamed aside (a process reading it by name then misses it and waits on the lock rather
+    than reading a directory that is being deleted) and removed under its private name.
+    Call with the entry's lock held.
+    """
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+        os.replace(target, aside / target.name)
+    os.replace(tmp, target)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
