@@ -387,6 +387,8 @@ def _task(cfg) -> float:
         if settings.dry_run.enabled:
             return math.nan  # a plan (plan.json) has no objective
         objective = metrics.get(cfg.get("objective") or "val_loss")
+        if objective is None and metrics.get("validation") == "off":
+            return math.nan  # nothing held out to score; metrics.json says "validation": "off"
         if objective is None:
             raise ConfigError(f"objective={cfg.get('objective')!r} is not a key of metrics.json; "
                               f"numeric keys: {', '.join(k for k, v in metrics.items() if isinstance(v, (int, float)))}")
