@@ -51,8 +51,16 @@ def hold(target: Path, what: str) -> Iterator[None]:
 
 
 def scratch_dir(target: Path) -> Path:
-    """A fresh temporary directory beside ``target`` (same filesystem, so the rename is atomic)."""
+    """A fresh temporary directory beside ``target`` (same filesystem, so the rename is atomic).
+
+    Call with the entry's lock held: scratch directories of this entry left by a writer that
+    was killed (a converted model is half a gigabyte) are removed first, since only a lock
+    holder writes them and this process holds the lock now.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
+    for kind in ("tmp", "old"):
+        for orphan in target.parent.glob(f".{target.name}-{kind}-*"):
+            shutil.rmtree(orphan, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f".{target.name}-tmp-", dir=target.parent))
 
 

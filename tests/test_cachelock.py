@@ -94,6 +94,10 @@ def test_killed_lock_holder_does_not_block_the_next_builder(tmp_path, monkeypatc
     finally:
         proc.kill()
     assert lock_path(target).exists()  # the lock file stays; the kernel's lock on it is gone
+    # What a writer killed while saving leaves beside the entry.
+    orphan = target.parent / f".{target.name}-tmp-abc123"
+    orphan.mkdir()
+    (orphan / "train.npz").write_bytes(b"half")
 
     start_t = time.perf_counter()
     built = []
@@ -101,6 +105,7 @@ def test_killed_lock_holder_does_not_block_the_next_builder(tmp_path, monkeypatc
         "k" * 32, lambda: built.append(1) or ({"train": [], "val": []}, {"counts": {}}))
     assert time.perf_counter() - start_t < 10
     assert built == [1] and status.startswith("saved to") and splits == {"train": [], "val": []}
+    assert not orphan.exists()
 
 
 def test_hold_is_exclusive_between_processes(tmp_path):
