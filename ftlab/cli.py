@@ -186,6 +186,8 @@ def _task(cfg) -> float:
         if settings.dry_run.enabled:
             return math.nan  # a plan (plan.json) has no objective
         objective = metrics.get(cfg.get("objective") or "val_loss")
+        if objective is None and metrics.get("validation") == "off":
+            return math.nan  # nothing held out to score; metrics.json says "validation": "off"
         if objective is None:
             numeric = ", ".join(k for k, v in metrics.items() if isinstance(v, (int, float)))
             raise ConfigError(f"objective={cfg.get('objective')!r} is not a key of metrics.json; "
@@ -225,7 +227,7 @@ def resume(argv: list[str]) -> None:
         fail(str(err))
 
 
-def _parse_resume(argv: list[str]) -> tuple[str, Path | None, list[tuple[str, str]]]:
+def _parse_resume(argv: list[str]) -> tuple[str, Path | None, list[tuple[str, str, str]]]:
     value, run_dir, overrides = None, None, []
     it = iter(argv)
     for arg in it:
@@ -249,9 +251,9 @@ def _parse_resume(argv: list[str]) -> tuple[str, Path | None, list[tuple[str, st
             elif key == "hydra.run.dir":
                 run_dir = Path(text)
             elif key == "logger":  # the group choice: every logger has the same settings
-                overrides.append(("logger.name", text))
+                overrides.append(("logger.name", text, arg))
             else:
-                overrides.append((key, text))
+                overrides.append((key, text, arg))
     if not value:
         raise UserError("resume= needs a run directory, a checkpoint file or 'last'")
     return value, run_dir, overrides

@@ -246,6 +246,11 @@ class RunSettings:
     def max_steps(self) -> int:
         return int(self.trainer.get("max_steps", -1) or -1)
 
+    @property
+    def validates(self) -> bool:
+        """False when ``trainer.limit_val_batches=0``, the way to turn validation off."""
+        return not validation_off(self.trainer)
+
     def _check_monitor(self) -> None:
         """The monitored metric must be one this run's validation logs, and early stopping
         needs validation to run during training."""
@@ -258,8 +263,7 @@ class RunSettings:
         if m.patience is None:
             return
         interval = self.trainer.get("val_check_interval")
-        limit = self.trainer.get("limit_val_batches", 1.0)
-        if limit in (0, 0.0):
+        if validation_off(self.trainer):
             raise ConfigError(f"monitor.patience={m.patience} (early stopping) needs validation, but "
                               "trainer.limit_val_batches=0 turns it off")
         if isinstance(interval, int) and self.max_steps > 0 and interval > self.max_steps:
@@ -285,6 +289,11 @@ def check_warmup(schedule: SchedulerSettings, total_steps: int) -> None:
                           "shorten the warmup or train longer")
 
 
+def validation_off(trainer: dict[str, Any]) -> bool:
+    limit = trainer.get("limit_val_batches")
+    return isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit == 0
+
+
 def _check_trainer_args(trainer: dict[str, Any]) -> None:
     import lightning
 
@@ -308,12 +317,41 @@ def _check_trainer_args(trainer: dict[str, Any]) -> None:
         check_positive("trainer.max_steps", steps, integer=True)
     if (steps in (None, -1)) and (epochs in (None, -1)):
         raise ConfigError("set trainer.max_steps or trainer.max_epochs (both are unlimited)")
+    if epochs is not None and epochs != -1 and (isinstance(epochs, bool) or not isinstance(epochs, int)
+                                                or epochs < 1):
+        raise ConfigError(f"trainer.max_epochs must be a positive integer or -1 (unlimited), got "
+                          f"{epochs!r}" + ("; 0 would train nothing" if epochs == 0 else ""))
+    _check_batch_limits(trainer)
     for key in ("accumulate_grad_batches", "log_every_n_steps"):
         if key in trainer and trainer[key] is not None:
             check_positive(f"trainer.{key}", trainer[key], integer=True)
     clip = trainer.get("gradient_clip_val")
     if clip is not None:
         check_positive("trainer.gradient_clip_val", clip)
+
+
+def _check_batch_limits(trainer: dict[str, Any]) -> None:
+    """Lightning's own checks of these run when the Trainer is built, after the weights load."""
+    for key in ("limit_train_batches", "limit_val_batches", "overfit_batches", "val_check_interval"):
+        value = trainer.get(key)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or value < 0 or (isinstance(value, float) and value > 1):
+            raise ConfigError(f"trainer.{key} must be a fraction in [0.0, 1.0] or a number of batches "
+                              f"(an integer >= 0), got {value!r}")
+    if trainer.get("limit_train_batches") == 0:
+        raise ConfigError("trainer.limit_train_batches=0 trains nothing; to score a model without "
+                          "training use `python -m ftlab.eval`, to plan a run use dry_run=true")
+    if trainer.get("val_check_interval") == 0:
+        raise ConfigError("trainer.val_check_interval must be more than 0; to turn validation off "
+                          "use trainer.limit_val_batches=0")
+    dev = trainer.get("fast_dev_run")
+    if dev is not None and not isinstance(dev, bool) and not (isinstance(dev, int) and dev >= 0):
+        raise ConfigError(f"trainer.fast_dev_run must be true, false or a number of batches, got {dev!r}")
+    sanity = trainer.get("num_sanity_val_steps")
+    if sanity is not None and (isinstance(sanity, bool) or not isinstance(sanity, int) or sanity < -1):
+        raise ConfigError(f"trainer.num_sanity_val_steps must be an integer >= -1 (-1: all), got {sanity!r}")
 
 
 def build(cls, values: dict[str, Any], prefix: str, **extra):

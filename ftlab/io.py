@@ -77,26 +77,41 @@ def torch_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
-def atomic_directory(target: str | Path, fill: Callable[[Path], None], *, replace: bool = True) -> Path:
-    """Fill a temporary directory beside ``target`` with ``fill(tmp)``, then rename it to
-    ``target``. An existing ``target`` is renamed aside first and removed only once the new
-    one is in place (``replace=False``: an existing non-empty ``target`` is an error)."""
+def scratch_dir(target: str | Path) -> Path:
+    """A fresh temporary directory beside ``target`` (same file system: the rename is atomic)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    old: Path | None = None
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}-tmp-", dir=target.parent))
+
+
+def replace_directory(tmp: Path, target: Path) -> None:
+    """Move the finished directory ``tmp`` to ``target``, replacing what is there.
+
+    A directory cannot be swapped atomically for a non-empty one, so an old ``target`` is first
+    renamed aside (a reader that opens it by name then misses it, rather than reading a
+    directory that is being deleted) and removed under its private name."""
+    os.chmod(tmp, 0o755)
+    aside = None
+    if target.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
+        os.replace(target, aside / target.name)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def atomic_directory(target: str | Path, fill: Callable[[Path], None], *, replace: bool = True) -> Path:
+    """Fill a temporary directory beside ``target`` with ``fill(tmp)``, then rename it to
+    ``target`` (:func:`replace_directory`); ``replace=False``: an existing non-empty ``target``
+    is an error, raised before anything is moved."""
+    target = Path(target)
+    tmp = scratch_dir(target)
     try:
         fill(tmp)
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            if not replace and (not target.is_dir() or any(target.iterdir())):
-                raise FileExistsError(f"{target} already exists and is not empty")
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", dir=target.parent))
-            os.replace(target, old / target.name)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
+        if not replace and target.exists() and (not target.is_dir() or any(target.iterdir())):
+            raise FileExistsError(f"{target} already exists and is not empty")
+        replace_directory(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return target

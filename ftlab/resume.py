@@ -85,10 +85,11 @@ def _step(row: dict[str, str]) -> int:
         return 0
 
 
-def resume_point(value: str, run_dir: Path | None = None, overrides: list[tuple[str, str]] = ()
+def resume_point(value: str, run_dir: Path | None = None, overrides: list[tuple[str, str, str]] = ()
                  ) -> tuple[RunSettings, dict[str, Any], ResumePoint]:
     """``(settings, resolved config, resume point)`` for ``resume=value`` (a run directory, a
-    checkpoint file or ``last``), with ``overrides`` (``(key, text)``) applied to the saved config.
+    checkpoint file or ``last``), with ``overrides`` (``(key, value text, raw argument)``) checked
+    against and applied to the saved config.
 
     Reads and checks everything, writes nothing: a bad request leaves the run untouched."""
     from omegaconf import OmegaConf
@@ -114,11 +115,12 @@ def resume_point(value: str, run_dir: Path | None = None, overrides: list[tuple[
     run = RunDir.open(run_dir)
     cfg, config_path = run.cfg, run.config_path
     allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE_OVERRIDES)
-    for key, text in overrides:
+    # The run's own command line again (up-arrow + resume=..., a SLURM requeue) is no change.
+    _check_unchanged([(key, raw) for key, _, raw in overrides if not key.startswith(RESUMABLE_OVERRIDES)],
+                     OmegaConf.to_container(cfg, resolve=True), config_path, allowed)
+    for key, text, _ in overrides:
         if not key.startswith(RESUMABLE_OVERRIDES):
-            raise UserError(f"{key} cannot change when a run resumes: it continues with its saved config "
-                            f"({config_path}). Only {allowed} may be set; start a new run to change "
-                            "anything else")
+            continue
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"unknown config key {key!r} in {config_path}")
         OmegaConf.update(cfg, key, yaml.safe_load(text) if text else None, merge=False)
@@ -136,6 +138,65 @@ def resume_point(value: str, run_dir: Path | None = None, overrides: list[tuple[
     point = ResumePoint(run_dir=run_dir, checkpoint=checkpoint, step=int(ckpt["global_step"]),
                         ckpt=ckpt, previous=previous)
     return settings, config, point
+
+
+_UNSET = "(not set)"
+
+
+def _check_unchanged(overrides: list[tuple[str, str]], saved: dict[str, Any], config_path: Path,
+                     allowed: str) -> None:
+    """Refuse unless every ``(key, raw override)`` gives the value the run was trained with.
+
+    Hydra composes ``conf/`` with the overrides, as the first run did; compared with the saved
+    config are the settings the overrides name (a group choice names its whole subtree, so
+    ``model=tiny-llama`` matches a run whose model subtree is tiny-llama's) and every setting
+    they move away from the defaults (a ``@package _global_`` option reaches beyond its group).
+    """
+    if not overrides:
+        return
+    try:
+        composed, defaults = _compose([raw for _, raw in overrides]), _compose([])
+    except Exception as err:  # noqa: BLE001  any composition error is the command line's
+        first = " ".join(str(err).split())[:300]
+        raise UserError(f"{' '.join(raw for _, raw in overrides)}: {first}") from None
+    new, base, old = _leaves(composed), _leaves(defaults), _leaves(saved)
+    keys = [key for key, _ in overrides]
+    named = [p for key in keys for p in ([p for p in new if p == key or p.startswith(key + ".")] or [key])]
+    moved = [p for p in new if new[p] != base.get(p, _UNSET)]
+    for path in named + moved:
+        if path.startswith(RESUMABLE_OVERRIDES) or path.split(".")[0] == "hydra":
+            continue
+        now, then = new.get(path, _UNSET), old.get(path, _UNSET)
+        if now != then:
+            owner = max((k for k in keys if path == k or path.startswith(k + ".")), key=len, default=path)
+            raise UserError(f"{owner} cannot change when a run resumes: the run was trained with "
+                            f"{path}={then!r}, the command line gives {path}={now!r} ({config_path}). "
+                            f"Only {allowed} may be set; start a new run to change anything else")
+
+
+def _compose(overrides: list[str]) -> dict[str, Any]:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from ftlab.settings import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+
+
+def _leaves(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model.name": "tiny-llama", ...}``: a nested config as dotted paths to its values."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
 
 
 def _newest_run(root: Path) -> Path:

@@ -133,6 +133,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
                               "gradient_checkpointing": s.hardware.gradient_checkpointing,
                               "quantization": model_settings.quantization,
                               "trainable_params": trainable, "total_params": total,
+                              "validation": "on" if s.validates else "off",
                               "train_examples": len(data.train_set), "val_examples": len(data.val_set),
                               "data_stats": {k: v.as_dict() for k, v in data.stats.items()}}
 
@@ -140,7 +141,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
         result.update(resume.initial_metrics(), resumed_from=str(resume.checkpoint),
                       resumed_at_step=resume.step)
         resume.keep_logs(trainer)
-    elif s.eval.before:
+    elif s.eval.before and s.validates:
         result.update(_evaluate_before(s, method, trainer, module, data, eval_records, tokenizer,
                                        model_settings.quantization, writer))
         module.val_history.clear()
@@ -168,8 +169,8 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
         ckpt_dir.mkdir(exist_ok=True)
     trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))  # every rank calls; rank zero writes
     clock.lap("checkpoint")  # the last checkpoint
-    final = evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, "")
-    result.update(final)
+    if s.validates:
+        result.update(evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, ""))
     clock.lap("eval_after")
 
     with full_parameters(trainer, module.model):  # every rank enters: sharded weights gather
@@ -332,7 +333,9 @@ def _monitor_callbacks(s: RunSettings, run_dir: Path) -> list:
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
     m, out = s.monitor, []
-    if m.keep_best and s.trainer.get("enable_checkpointing", True) is not False:
+    # Without validation there is no best to keep (keep_best is on by default, so this is no
+    # error; early stopping, which cannot work without it, is refused in config.py).
+    if m.keep_best and s.validates and s.trainer.get("enable_checkpointing", True) is not False:
         out.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=m.metric,
                                   mode=m.direction, save_top_k=1, save_last=False,
                                   auto_insert_metric_name=False, enable_version_counter=False))
@@ -346,6 +349,8 @@ def _monitor_callbacks(s: RunSettings, run_dir: Path) -> list:
 def _final_report(r: dict[str, Any]) -> str:
     lines = ["", "Result on the held-out split:",
              f"  {'':18} {'before':>10} {'after':>10}"]
+    if r.get("validation") == "off":
+        lines[1:] = ["Validation: off (trainer.limit_val_batches=0), so no held-out scores."]
     for key, fmt in (("val_loss", "{:.4f}"), ("val_perplexity", "{:.2f}"), ("val_token_accuracy", "{:.1%}"),
                      ("val_exact_match", "{:.1%}"), ("val_answer_f1", "{:.1%}"),
                      ("val_bleu", "{:.1%}"), ("val_rouge_l", "{:.1%}"),

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from ftlab import cli
 from ftlab.training.checkpoints import latest_checkpoint
 from ftlab.training.loaders import ResumableLoader, SeededSampler, resumable_loader
-from tiny_runs import DELTA_LORA, NATIVE_VERA, cached_run, one_thread, tree_digest
+from tiny_runs import DELTA_LORA, FAST, NATIVE_VERA, cached_run, one_thread, tree_digest
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -191,6 +191,31 @@ def test_bad_resume_requests_change_nothing(tmp_path_factory, tmp_path, capsys):
     assert "cannot change when a run resumes" in _refused(
         capsys, f"resume={runs['truncated']}", "optimizer.lr=1")
     assert {name: tree_digest(d) for name, d in runs.items()} == before
+
+
+def test_resume_accepts_the_runs_own_command_line(tmp_path_factory, tmp_path, capsys):
+    """Up-arrow + resume=..., or a SLURM requeue of the same command: equal values are no change."""
+    done = cached_run(tmp_path_factory, *EXACT)
+    run = crashed_copy(done, tmp_path / "run", keep="step-4.ckpt")
+    before = tree_digest(run)
+
+    # A changed value is refused, naming the setting, the saved value and the new one.
+    longer = [a.replace("max_steps=7", "max_steps=8") for a in EXACT]
+    msg = _refused(capsys, *FAST, *longer, f"resume={run}")
+    assert "trainer.max_steps cannot change" in msg and "trainer.max_steps=7" in msg
+    assert "trainer.max_steps=8" in msg
+    msg = _refused(capsys, "model=tiny-gpt2", f"resume={run}")  # a group choice
+    assert msg.startswith("ftlab: error: model cannot change") and "'tiny-llama'" in msg
+    assert "'tiny-gpt2'" in msg
+    msg = _refused(capsys, "optimizer.lr=1e-3", f"resume={run}")  # 1e-3 != the run's 1e-2
+    assert "optimizer.lr=0.01" in msg and "optimizer.lr=0.001" in msg
+    assert "method.r cannot change" in _refused(capsys, "method=lora", "method.r=4", f"resume={run}")
+    assert tree_digest(run) == before
+
+    # The whole command line that trained it (group choices, dotted keys, 1e-2 written as
+    # Hydra parses it), plus resume=: accepted, and training continues exactly.
+    resume(*FAST, *EXACT, "method=lora", "seed=42", f"resume={run}")
+    assert_same_training(done, run, from_step=4, tol=0.0)
 
 
 def test_latest_checkpoint_ignores_an_unfinished_temporary_file(tmp_path_factory, tmp_path):

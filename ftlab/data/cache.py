@@ -13,21 +13,21 @@ over everything the token ids depend on:
 - :data:`VERSION`, bumped whenever ftlab's encoding changes.
 
 An entry is a directory written under a temporary name and renamed into place, so a run
-never reads half an entry; a corrupt entry is ignored and rewritten.
+never reads half an entry; a corrupt entry is ignored and rewritten. Concurrent runs that need
+the same missing entry encode it once (:func:`load_or_build`, :mod:`ftlab.cachelock`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from ftlab.models.loading import cache_root
+from ftlab.cachelock import cache_root, hold, publish, scratch_dir
 
 VERSION = 1
 
@@ -98,16 +98,30 @@ def load(key: str) -> tuple[dict[str, list[dict]], dict] | None:
 
 
 def save(key: str, splits: dict[str, list[dict]], meta: dict) -> Path:
+    """Write the entry (replacing a corrupt one); call with the entry's lock held."""
     target = cache_dir(key)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+    tmp = scratch_dir(target)
     try:
         for name, examples in splits.items():
             np.savez(tmp / f"{name}.npz", **_pack_examples(examples))
         (tmp / "meta.json").write_text(json.dumps({**meta, "splits": list(splits)}, indent=1, default=str))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        publish(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def load_or_build(key: str, build: Callable[[], tuple[dict[str, list[dict]], dict]]):
+    """``(splits, meta, status)``: the entry if it exists, else ``build()``'s result, saved.
+
+    Concurrent runs with the same key encode once: the first holds the entry's lock while it
+    builds, the others wait for it and then read its entry.
+    """
+    hit = load(key)
+    if hit is None:
+        with hold(cache_dir(key), "tokenising the same data"):
+            hit = load(key)
+            if hit is None:
+                splits, meta = build()
+                return splits, meta, f"saved to {save(key, splits, meta)}"
+    return *hit, f"reused from {cache_dir(key)}"

@@ -117,18 +117,11 @@ class DataModule(L.LightningDataModule):
                 "tokenizer": cache.tokenizer_fingerprint(self.tokenizer),
                 "records": cache.records_digest(self.train_records, self.val_records),
             })
-            hit = cache.load(key)
-            if hit is not None:
-                splits, meta = hit
-                self.train_set, self.val_set = splits["train"], splits["val"]
-                counts = meta["counts"]
-                self.cache_status = f"reused from {cache.cache_dir(key)}"
-        if not self.train_set:
+            splits, meta, self.cache_status = cache.load_or_build(key, self._encode_for_cache)
+            self.train_set, self.val_set = splits["train"], splits["val"]
+            counts = meta["counts"]
+        else:
             (self.train_set, self.val_set), counts = self._encode_splits()
-            if key is not None:
-                path = cache.save(key, {"train": self.train_set, "val": self.val_set},
-                                  {"counts": counts, "format": s.format, "data": s.name})
-                self.cache_status = f"saved to {path}"
         if s.packing:
             self.packed_rows = pack([len(e["input_ids"]) for e in self.train_set], s.max_length)
         pad_to = s.max_length if s.padding == "max_length" else None
@@ -137,6 +130,11 @@ class DataModule(L.LightningDataModule):
                                           packed_rows=self.packed_rows)
         self.stats["val"] = split_stats(self.val_set, *counts["val"], batch_size=s.eval_batch_size,
                                         pad_to=None)
+
+    def _encode_for_cache(self):
+        (train, val), counts = self._encode_splits()
+        return {"train": train, "val": val}, {"counts": counts, "format": self.settings.format,
+                                              "data": self.settings.name}
 
     def _encode_splits(self):
         s = self.settings

@@ -29,14 +29,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ftlab.cachelock import cache_root, hold, publish, scratch_dir
 from ftlab.config import ModelSettings
 from ftlab.errors import ConfigError, ModelNotFoundError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FTLAB_CACHE", Path.home() / ".cache" / "ftlab"))
 
 
 def model_config(settings: ModelSettings):
@@ -283,9 +280,22 @@ def _ensure_pad_token(tokenizer, model) -> None:
 def _gguf_cache_dir(settings: ModelSettings) -> Path:
     """The safetensors copy of the packaged GGUF, converted on first use (about 30 s)."""
     target = cache_root() / "models" / settings.name
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if _converted(target):
         return target
     gguf = _gguf_path(settings)
+    # Concurrent first uses: one converts, the others wait and then read its result.
+    with hold(target, f"converting {gguf.name}"):
+        if not _converted(target):
+            _convert_gguf(gguf, target, settings)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
+
+
+def _convert_gguf(gguf: Path, target: Path, settings: ModelSettings) -> None:
+    """Dequantise the GGUF into a safetensors directory at ``target`` (lock held by the caller)."""
     print(f"ftlab: converting {gguf.name} to {target} (first use only) ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -297,15 +307,11 @@ def _gguf_cache_dir(settings: ModelSettings) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{settings.name}-", dir=target.parent))
+    tmp = scratch_dir(target)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)  # atomic: a half-written cache is never picked up
+        publish(tmp, target)  # a half-written cache is never picked up
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"ftlab: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
-    return target

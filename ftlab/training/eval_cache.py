@@ -21,7 +21,7 @@ from typing import Any
 from ftlab import __version__
 from ftlab.config import RunSettings
 from ftlab.io import read_json, write_json
-from ftlab.models.loading import cache_root
+from ftlab.cachelock import cache_root
 
 FORMAT = 1
 

@@ -15,7 +15,8 @@ ROWS = [{"instruction": f"Repeat {w}.", "output": w} for w in "alpha beta gamma 
 
 def entries() -> set[str]:
     root = Path(os.environ["FTLAB_CACHE"]) / "data"
-    return {p.name for p in root.iterdir()} if root.exists() else set()
+    # Hidden names are bookkeeping (an entry's lock file, a scratch directory), not entries.
+    return {p.name for p in root.iterdir() if not p.name.startswith(".")} if root.exists() else set()
 
 
 def test_reuse_and_invalidation(tmp_path, tok, monkeypatch):
