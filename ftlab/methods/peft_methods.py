@@ -57,7 +57,7 @@ class PeftMethod:
 
     - ``peft_config``: a peft config, or a function ``total_steps -> config`` for a method whose
       config depends on the length of the run (AdaLoRA's rank budget schedule);
-    - ``lr_scale``: learning-rate multipliers by parameter-name marker (LoRA+: ``{"lora_B": 16}``);
+    - ``groups(model, lr, weight_decay)``: the method's own optimizer groups (LoRA+);
     - ``step_hook(model, step)``: work after each optimizer step (AdaLoRA's rank allocation);
     - ``base_quantization``: the quantization its frozen base needs (QLoRA: ``"nf4"``);
     - ``supports_quantized_base``: whether peft can put this method over bitsandbytes layers;
@@ -75,7 +75,7 @@ class PeftMethod:
     base_quantization: str | None = None
     supports_quantized_base: bool = True
     gradient_checkpointing: bool = False
-    lr_scale: dict[str, float] = field(default_factory=dict)
+    groups: Callable[[nn.Module, float, float], list[dict[str, Any]]] | None = None
     step_hook: Callable[[nn.Module, int], None] | None = None
     save_as_lora: bool = False
     model_state: tuple[Callable[[nn.Module], dict], Callable[[nn.Module, dict], None]] | None = None
@@ -164,16 +164,11 @@ class PeftMethod:
         return peft_model
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """:func:`default_param_groups`, further split by learning-rate multiplier; each group
-        carries its own ``lr``, so LoRA+ works with any optimizer class."""
-        if not self.lr_scale:
-            return default_param_groups(model, lr, weight_decay)
-        buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
-        for name, p in trainable_parameters(model):
-            scale = next((s for marker, s in self.lr_scale.items() if marker in name), 1.0)
-            buckets.setdefault((scale, p.ndim >= 2), []).append(p)
-        return [{"params": params, "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0}
-                for (scale, decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+        """The method's own ``groups``, else :func:`default_param_groups`; each group carries
+        its own ``lr``, so LoRA+ works with any optimizer class."""
+        if self.groups is not None:
+            return self.groups(model, lr, weight_decay)
+        return default_param_groups(model, lr, weight_decay)
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         if self.step_hook is not None:
@@ -436,14 +431,45 @@ def lora_plus(r: int = 8, alpha: float = 16, dropout: float = 0.05,
     """LoRA+, Hayou, Ghosh, Yu 2024 (arXiv 2402.12354): plain LoRA weights, but B learns
     faster than A: ``lr_B = ratio * lr_A`` (ratio = lambda > 1; 2^4 = 16 as recommended).
 
-    Implemented in :meth:`PeftMethod.param_groups` (B's groups carry ``ratio * lr``), so it
-    works with whatever optimizer class the config names. Trains ``sum r * (in + out)``.
+    The groups are those of peft's ``create_loraplus_optimizer`` (:func:`loraplus_groups`),
+    each carrying its own lr, so it works with whatever optimizer class the config names.
+    Trains ``sum r * (in + out)``.
     """
     check_low_rank(r, alpha, dropout)
     targets = check_targets(target_modules)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
         raise ConfigError(f"method.ratio must be a number > 1 (lr_B = ratio * lr_A), got {ratio!r}")
-    return PeftMethod("lora_plus", _lora_config(r, alpha, dropout, targets), lr_scale={"lora_B": float(ratio)})
+    return PeftMethod("lora_plus", _lora_config(r, alpha, dropout, targets),
+                      groups=lambda model, lr, wd: loraplus_groups(model, lr, wd, float(ratio)))
+
+
+LORAPLUS_LR_EMBEDDING = 1e-6  # peft's default loraplus_lr_embedding
+
+
+def loraplus_groups(model: nn.Module, lr: float, weight_decay: float, ratio: float) -> list[dict[str, Any]]:
+    """peft's ``create_loraplus_optimizer`` grouping (peft/optimizers/loraplus.py), over the
+    trainable tensors:
+
+    - LoRA factors of an embedding layer: ``lr = 1e-6`` (peft's ``loraplus_lr_embedding``), decay;
+    - B, and every 1-D tensor (a classifier's bias, a trainable norm weight): ``lr = ratio * lr``,
+      with weight decay unless its name holds ``bias`` or it belongs to a ``nn.LayerNorm``;
+    - everything else (A, a classifier's weight matrix): ``lr``, with weight decay.
+
+    ``weight_decay`` plays peft's ``loraplus_weight_decay``. Empty groups are left out."""
+    in_layernorm = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    a, embedding, b, b_no_decay = [], [], [], []
+    for name, p in trainable_parameters(model):
+        if ".lora_embedding_" in name:
+            embedding.append(p)
+        elif "lora_B" in name or p.ndim == 1:
+            (b_no_decay if "bias" in name or id(p) in in_layernorm else b).append(p)
+        else:
+            a.append(p)
+    groups = [{"params": a, "lr": lr, "weight_decay": weight_decay},
+              {"params": embedding, "lr": LORAPLUS_LR_EMBEDDING, "weight_decay": weight_decay},
+              {"params": b, "lr": lr * ratio, "weight_decay": weight_decay},
+              {"params": b_no_decay, "lr": lr * ratio, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 @register("vera")
