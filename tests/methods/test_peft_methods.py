@@ -29,6 +29,31 @@ WITH_TARGETS = ["dora", "pissa", "lora_plus", "vera", "qlora", "adalora", "loha"
 PROMPT_METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning"]
 
 
+def test_every_builder_default_is_its_config_value():
+    """``build_method(name)`` from Python builds what ``method=name`` builds from its config
+    (prefix tuning's projection was False in Python, true in the config)."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from ftlab.methods.registry import _BUILDERS
+
+    from .tiny import CONF
+
+    build_method("lora")  # loads the registry
+    checked = 0
+    for name, builder in _BUILDERS.items():
+        config = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+        defaults = inspect.signature(builder).parameters
+        for key, value in config.items():
+            if key == "name" or (isinstance(value, str) and "${" in value):
+                continue  # interpolations (the model's target_modules) have no Python counterpart
+            default = defaults[key].default
+            assert (list(default) if isinstance(default, tuple) else default) == value, (name, key)
+            checked += 1
+    assert checked > 40
+
+
 # ----------------------------------------------------------------------------- ranges
 @pytest.mark.parametrize("name,key,value", BAD_VALUES, ids=[f"{n}.{k}={v}" for n, k, v in BAD_VALUES])
 def test_out_of_range_values_name_their_key(name, key, value):
