@@ -75,6 +75,7 @@ from ftlab.hardware import (decoder_layer_classes, enable_gradient_checkpointing
                             precision_parts, world_size, zero_stage)
 from ftlab.methods import build_method, count_parameters
 from ftlab.models.loading import _DTYPES, meta_model, model_config
+from ftlab.summary import share_warning
 
 GIB = 2**30
 # Bytes per weight of a bitsandbytes-quantized base layer (see the module docstring).
@@ -124,6 +125,7 @@ class Plan:
     memory: list[MemoryEstimate]
     device_memory_gb: float | None = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def fits(self, estimate: MemoryEstimate) -> bool | None:
         if self.device_memory_gb is None:
@@ -145,6 +147,7 @@ class Plan:
                  f"batch {self.batch_size} x {self.seq_len} tokens",
                  f"Parameters: trainable {self.trainable_params:,} / total {self.total_params:,} "
                  f"({share:.4f}%)"]
+        lines.extend(self.warnings)
         width = max(len(r["module"]) for r in self.modules)
         lines.append(f"  {'module type':{width}} {'params':>15} {'trainable':>13}")
         for r in self.modules:
@@ -229,7 +232,8 @@ def plan_run(s: RunSettings, method=None) -> Plan:
                 quantization=quantization, strategy=s.hardware.strategy, devices=n,
                 batch_size=s.data.batch_size, seq_len=s.data.max_length,
                 trainable_params=trainable, total_params=total, modules=parameters_by_module(model),
-                memory=estimates, device_memory_gb=budget, notes=notes)
+                memory=estimates, device_memory_gb=budget, notes=notes,
+                warnings=[w for w in [share_warning(method, s.method["name"], trainable, total)] if w])
 
 
 def apply_on_meta(method, base: nn.Module, steps: int) -> nn.Module:

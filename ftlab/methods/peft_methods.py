@@ -303,6 +303,7 @@ class FullFinetune(PlainHooks):
     name: str = "full"
     base_quantization: str | None = None
     supports_quantized_base: bool = False  # 4-bit and 8-bit weights cannot take gradient steps
+    parameter_efficient: bool = False  # training every weight is the point (no share warning)
 
     def check(self, model: nn.Module) -> None:
         pass
