@@ -30,10 +30,11 @@ Precision. W is never updated in place: each layer keeps its starting weight W0 
 non-persistent buffer ``delta_lora_base``, one more copy of each adapted weight in the base's
 dtype) and after every step W is set to ``W0 + D``, D computed in float32 (or wider) from the
 factors and rounded once to W's dtype. On a bf16 base the per-step deltas (about lr |B| |A|)
-lie far below bf16's resolution of 2^-9 relative; added one at a time they would mostly round
-away (measured, 4096 x 4096 N(0, 0.02), 50 steps of lr 2e-4: 48% of entries never moved, the
-actual change 0.80 off the rule), while the export carries the intended D. With one rounding
-W is within half a bf16 ulp of the rule, whatever the number of steps.
+lie far below bf16's resolution of 2^-9 relative; added one at a time they mostly rounded
+away, while the export carried the intended D (a 4096 x 4096 weight N(0, 0.02), B at N(0, 0.01),
+50 steps moving A and B by 2e-4 each: W equalled round_bf16(W0 + the rule's sum) in 24% of its
+entries, the change was 0.71 off that in norm; now 100%). With one rounding W is within half a
+bf16 ulp of the rule, whatever the number of steps.
 
 Export (``save``). The whole change from the base model is
 ``W - W0 + s B A = s [(1 + lambda) B A - lambda B_anchor A_anchor]``, a matrix of rank <= 2r.
