@@ -112,7 +112,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     model = method.apply(model, total_steps)
     keep_trainable_in_fp32(model, s.hardware.precision)
     trainable, total = count_parameters(model)
-    say(parameter_summary(model, s.method["name"]))
+    say(parameter_summary(model, s.method["name"], method, str(s.hardware.precision)))
     module = FinetuneModule(model, method, s.optimizer, s.scheduler, total_steps,
                             num_classes=len(data.labels) if data.labels else None)
     if resume is not None:

@@ -31,7 +31,9 @@ class Traits:
       ``base_quantization``: a quantization it needs for its base (QLoRA: ``nf4``);
     - ``gradient_checkpointing``: whether it turns on activation recomputation itself;
     - ``changes_model_at_init``: whether applying it changes the model's outputs before any
-      step (prompt methods, a quantized base) - the "before" evaluation depends on it.
+      step (prompt methods, a quantized base) - the "before" evaluation depends on it;
+    - ``parameter_efficient``: False for full fine-tuning, whose point is to train every weight
+      (the others get a warning when they train more than 5% of the model).
     """
 
     artifact: str = "adapter"
@@ -43,6 +45,7 @@ class Traits:
     base_quantization: str | None = None
     gradient_checkpointing: bool = False
     changes_model_at_init: bool = False
+    parameter_efficient: bool = True
 
 
 @runtime_checkable

@@ -17,7 +17,7 @@ class FullFinetune(PlainHooks):
 
     name: str = "full"
     # 4-bit and 8-bit weights cannot take gradient steps; the trained model is the export.
-    traits = Traits(artifact="model", artifact_format="model",
+    traits = Traits(artifact="model", artifact_format="model", parameter_efficient=False,
                     merge_note="full fine-tuning trained every weight: writing the full model")
 
     def check(self, model: nn.Module) -> None:

@@ -44,11 +44,47 @@ def parameters_by_module(model: nn.Module, trainable_only: bool = False) -> list
     return [{"module": k, "tensors": v[0], "params": v[1], "trainable": v[2]} for k, v in rows.items()]
 
 
-def parameter_summary(model: nn.Module, method_name: str) -> str:
-    """The table printed at the start of every run: trainable parameters by module type."""
+# A parameter-efficient method training more than this share of the model gets a warning.
+PEFT_SHARE_LIMIT = 0.05
+
+
+def share_warning(method, method_name: str, trainable: int, total: int) -> str | None:
+    """A warning line when a parameter-efficient method (``traits.parameter_efficient``: every
+    method but full fine-tuning) trains more than 5% of the parameters: prefix tuning's
+    reparameterisation MLP trains 1.09B of Llama-2-7B's 7.8B, p-tuning's encoder 0.77B, which
+    its gradients and optimizer states pay for."""
+    if not method.traits.parameter_efficient or trainable <= PEFT_SHARE_LIMIT * total:
+        return None
+    return (f"Warning: method {method_name} trains {100 * trainable / max(1, total):.1f}% of the model's "
+            f"parameters, more than {PEFT_SHARE_LIMIT:.0%}: not parameter-efficient at this size "
+            "(see the trainable module types)")
+
+
+def held_dtypes(model: nn.Module, precision: str) -> str:
+    """``trainable float32, frozen bfloat16``: the dtypes the parameters are held in while
+    training under ``precision`` (``*-true`` casts every floating tensor to the half type;
+    otherwise trainable tensors are fp32 masters and frozen ones keep their loaded dtype)."""
+    from ftlab.training.hardware import param_dtype
+
+    held: dict[bool, set[str]] = {True: set(), False: set()}
+    for p in model.parameters():
+        dtype = param_dtype(precision, p.dtype, p.requires_grad) if p.is_floating_point() else p.dtype
+        held[p.requires_grad].add(str(dtype).removeprefix("torch."))
+    return ", ".join(f"{kind} {' + '.join(sorted(held[flag])) or '-'}"
+                     for kind, flag in (("trainable", True), ("frozen", False)))
+
+
+def parameter_summary(model: nn.Module, method_name: str, method=None, precision: str | None = None) -> str:
+    """The table printed at the start of every run: trainable and total counts, the dtypes they
+    are held in under ``precision``, a warning for a parameter-efficient ``method`` over 5%,
+    and the trainable parameters by module type."""
     trainable, total = count_parameters(model)
     lines = [f"Parameters ({method_name}): trainable {trainable:,} / total {total:,} "
              f"({100 * trainable / max(1, total):.4f}%)"]
+    if precision is not None:
+        lines.append(f"  held in ({precision}): {held_dtypes(model, precision)}")
+    if method is not None and (warning := share_warning(method, method_name, trainable, total)):
+        lines.append(warning)
     rows = [r for r in parameters_by_module(model, trainable_only=True)]
     if rows:
         width = max(len(r["module"]) for r in rows)

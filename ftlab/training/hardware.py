@@ -8,7 +8,7 @@ and precision. This module
   the settings alone always, checks of *this machine* (GPUs present, bf16 support, deepspeed
   installed) only when the run will really train here, so a laptop can plan a GPU run;
 - builds the Lightning strategy (:func:`build_strategy`); FSDP wraps each decoder layer;
-- fixes the dtype rule every run and the planner (:mod:`ftlab.plan`) share
+- fixes the dtype rule every run and the planner (:mod:`ftlab.planning.planner`) share
   (:func:`param_dtype`);
 - says which process may write the run's outputs (:func:`ftlab.console.is_rank_zero`).
 
@@ -109,7 +109,7 @@ def check_hardware(hardware, *, meta: nn.Module | None = None, here: bool = True
     ``meta``: the model on the meta device (gradient checkpointing support). ``here``: also
     check this machine (GPUs, bf16, packages); off for dry runs, which plan a run for other
     hardware. (A quantized base with a sharding strategy is refused by
-    :func:`ftlab.methods.peft_methods.check_quantized_base`.)"""
+    :func:`ftlab.methods.quantized.check_quantized_base`.)"""
     hw = hardware
     strategy, precision = hw.strategy, str(hw.precision)
     half, mixed = precision_parts(precision)

@@ -96,7 +96,10 @@ class FinetuneModule(L.LightningModule):
 
     # -- validation --------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        out = self.model(**model_inputs(batch))
+        # Without labels: the loss below comes from the logits, and a model's own loss may fail
+        # where training state is gone (an AdaLoRA adapter loaded by peft has no trainable
+        # adapter to take its orthogonality penalty from).
+        out = self.model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"})
         labels = batch["labels"]
         if labels.ndim == 1:  # one class per example
             loss = F.cross_entropy(out.logits.float(), labels)

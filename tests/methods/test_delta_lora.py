@@ -149,3 +149,80 @@ def test_bad_settings_are_config_errors():
             build_method("delta_lora", **{key: value})
     with pytest.raises(ConfigError, match="method.dropout is not a setting"):
         build_method("delta_lora", dropout=0.1)  # the paper removes dropout on the branch
+
+
+class OneLayer(torch.nn.Module):
+    """A lone bf16 ``q_proj`` (256 x 256, values N(0, 0.02) like a pretrained weight)."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.q_proj = torch.nn.Linear(256, 256, bias=False)
+        with torch.no_grad():
+            self.q_proj.weight.copy_(torch.randn(256, 256, generator=g) * 0.02)
+        self.to(dtype)
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):  # PeftModelForCausalLM looks it up
+        raise NotImplementedError
+
+
+def bf16_half_ulp(x: torch.Tensor) -> torch.Tensor:
+    """Half the spacing of bf16 numbers around |x| (8 significant bits): one rounding's error."""
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -126)))
+    return 2.0 ** (exponent - 8)
+
+
+def small_steps(m, model, steps: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """``steps`` optimizer-like moves of A and B of about 2e-4 each (Adam at lr 2e-4), each
+    followed by the Delta-LoRA update; returns W0 + sum of the rule's deltas, in float64."""
+    g = torch.Generator().manual_seed(seed)
+    layer = lora_layers(model)["q_proj"]
+    expected = layer.base_layer.weight.detach().double().clone()
+    s = m.alpha / m.r
+    for step in range(1, steps + 1):
+        old = layer.lora_B.weight.detach().double() @ layer.lora_A.weight.detach().double()
+        with torch.no_grad():
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                p.add_(torch.randn(p.shape, generator=g) * 2e-4)
+        m.after_optimizer_step(model, step, steps)
+        new = layer.lora_B.weight.detach().double() @ layer.lora_A.weight.detach().double()
+        if step - 1 > m.start_step:
+            expected += m.update_ratio * s * (new - old)
+    return {"q_proj": expected}
+
+
+def test_W_follows_the_rule_on_a_bf16_base_within_one_rounding(tmp_path):
+    """Per-step deltas of order lr * |B| * |A| are far below bf16's resolution (2^-9 relative):
+    added to the bf16 weight one by one they round away. W must be round_bf16(W0 + D), with D
+    the sum of the deltas in full precision: off by at most one rounding (half a bf16 ulp)."""
+    m = build_method("delta_lora", r=8, alpha=16, update_ratio=2.0, start_step=0, target_modules=["q_proj"])
+    base = OneLayer()
+    model = m.apply(copy.deepcopy(base), 50)
+    expected = small_steps(m, model, 50)["q_proj"]
+    w = lora_layers(model)["q_proj"].base_layer.weight
+    assert w.dtype == torch.bfloat16
+    error = (w.double() - expected).abs()
+    assert (error <= bf16_half_ulp(expected) * (1 + 1e-3) + 1e-12).all(), error.max()
+    w0 = base.q_proj.weight.double()
+    moved = (expected - w0).abs() > bf16_half_ulp(w0)  # where the rule moves W by more than a rounding
+    assert moved.any() and (w.double() != w0)[moved].all()
+
+    # The checkpointed method state restores the same W, bit for bit, on a fresh base.
+    m2 = build_method("delta_lora", r=8, alpha=16, update_ratio=2.0, start_step=0, target_modules=["q_proj"])
+    model2 = m2.apply(copy.deepcopy(base), 50)
+    m2.load_state_dict(m.state_dict())
+    model2.load_state_dict({n: p for n, p in model.state_dict().items() if ".lora_" in n}, strict=False)
+    assert torch.equal(lora_layers(model2)["q_proj"].base_layer.weight, w)
+
+    # The export is W0 + D exactly (an fp32 LoRA over the bf16 base): within one rounding of the
+    # trained W, and ftlab's own load gives the trained W bit for bit.
+    m.save(model, tmp_path)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    peft_layer = peft_model.base_model.model.q_proj
+    lora = lora_layers(model)["q_proj"]
+    exported = base.q_proj.weight.double() + peft_layer.get_delta_weight("default").double()
+    trained = w.double() + lora.get_delta_weight().double()
+    assert ((exported - trained).abs() <= bf16_half_ulp(expected) * (1 + 1e-3) + 1e-6).all()
+    m3 = build_method("delta_lora", target_modules=["q_proj"])
+    loaded = lora_layers(m3.load(copy.deepcopy(base), tmp_path))["q_proj"]
+    assert torch.equal(loaded.base_layer.weight, w)

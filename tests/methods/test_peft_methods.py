@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from ftlab.config import ModelSettings, OptimizerSettings, SchedulerSettings
 from ftlab.data.collate import Collator
 from ftlab.errors import ConfigError
-from ftlab.methods import count_parameters
+from ftlab.methods import build_method, count_parameters
 from ftlab.methods.quantized import check_quantized_base
 from ftlab.models import load_model, meta_model
 from ftlab.models.loading import check_quantization
@@ -27,6 +27,31 @@ PEFT_METHODS = ["dora", "pissa", "lora_plus", "vera", "qlora", "adalora", "ia3",
                 "prompt_tuning", "p_tuning", "prefix_tuning"]
 WITH_TARGETS = ["dora", "pissa", "lora_plus", "vera", "qlora", "adalora", "loha", "lokr"]
 PROMPT_METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning"]
+
+
+def test_every_builder_default_is_its_config_value():
+    """``build_method(name)`` from Python builds what ``method=name`` builds from its config
+    (prefix tuning's projection was False in Python, true in the config)."""
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from ftlab.methods.registry import _BUILDERS
+
+    from .tiny import CONF
+
+    build_method("lora")  # loads the registry
+    checked = 0
+    for name, builder in _BUILDERS.items():
+        config = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+        defaults = inspect.signature(builder).parameters
+        for key, value in config.items():
+            if key == "name" or (isinstance(value, str) and "${" in value):
+                continue  # interpolations (the model's target_modules) have no Python counterpart
+            default = defaults[key].default
+            assert (list(default) if isinstance(default, tuple) else default) == value, (name, key)
+            checked += 1
+    assert checked > 40
 
 
 # ----------------------------------------------------------------------------- ranges
@@ -113,6 +138,47 @@ def test_lora_plus_gives_b_ratio_times_the_learning_rate_whatever_the_optimizer(
     # Groups carry their own lr: a plain SGD step moves B 16x further per unit of gradient.
     opt = torch.optim.SGD(groups, lr=123.0)
     assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([1e-3, 16e-3])
+
+
+
+@pytest.mark.parametrize("family,targets,also_trained,kinds", [
+    # an embedding LoRA (peft gives it loraplus_lr_embedding) and a trainable RMSNorm weight (1-D)
+    ("llama", ["q_proj", "v_proj", "embed_tokens"], ["model.norm.weight"], {"A", "emb", "B"}),
+    # a classifier head with a bias (1-D, no decay) and a trainable LayerNorm (1-D, no decay)
+    ("bert", "all-linear", ["bert.embeddings.LayerNorm.weight", "bert.embeddings.LayerNorm.bias"],
+     {"A", "B", "B_no_decay"}),
+], ids=["llama-embedding-norm", "bert-classifier-layernorm"])
+def test_lora_plus_groups_equal_peft_create_loraplus_optimizer(family, targets, also_trained, kinds):
+    """Every trainable tensor gets the lr and weight decay peft's ``create_loraplus_optimizer``
+    gives it: B and every 1-D tensor ratio * lr (with weight decay unless a bias or a LayerNorm
+    tensor), embedding LoRA factors 1e-6, the rest lr."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from .tiny import FAMILIES
+
+    fam = FAMILIES[family]
+    lr, wd, ratio = 1e-3, 0.1, 16
+    method = build("lora_plus", family=fam, ratio=ratio, target_modules=targets)
+    model = method.apply(fam.load(), 10)
+    names = {id(p): n for n, p in model.named_parameters()}
+    for name in also_trained:
+        model.get_parameter("base_model.model." + name).requires_grad_(True)
+
+    def settings(groups) -> dict[str, tuple[float, float]]:
+        out = {}
+        for g in groups:
+            for p in g["params"]:
+                assert names[id(p)] not in out, f"{names[id(p)]} in two groups"
+                out[names[id(p)]] = (g["lr"], g["weight_decay"])
+        return out
+
+    ours = settings(method.param_groups(model, lr, wd))
+    reference = settings(create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=ratio,
+                                                   loraplus_weight_decay=wd).param_groups)
+    assert ours == reference
+    assert set(ours) == {n for n, p in model.named_parameters() if p.requires_grad}
+    every = {"A": (lr, wd), "emb": (1e-6, wd), "B": (lr * ratio, wd), "B_no_decay": (lr * ratio, 0.0)}
+    assert set(ours.values()) == {every[k] for k in kinds}  # the case reaches the groups it is meant to
 
 
 # ----------------------------------------------------------------------------- AdaLoRA

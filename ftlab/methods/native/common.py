@@ -75,12 +75,23 @@ def matches(module_name: str, targets: list[str]) -> bool:
 
 
 def resolve_targets(model: nn.Module, target_modules) -> list[str]:
-    """Target names as a list; ``all-linear`` means every linear layer but the output head."""
+    """Target names as a list; ``all-linear`` means :func:`all_linear_paths`."""
     if target_modules == "all-linear":
-        from ftlab.methods.targets import linear_module_names
-
-        return linear_module_names(model)
+        return all_linear_paths(model)
     return [target_modules] if isinstance(target_modules, str) else list(target_modules)
+
+
+def all_linear_paths(model: nn.Module) -> list[str]:
+    """Full paths of the layers ``all-linear`` selects, by peft's rule: every ``nn.Linear`` and
+    ``Conv1D`` but the model's output layer (``get_output_embeddings()``, the LM head) and
+    anything inside a sequence classifier's new head, which trains whole. Full paths, not leaf
+    names: a head's ``dense`` (RoBERTa's ``classifier.dense``) shares its leaf with the encoder's."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    heads = tuple(classification_heads(model))
+    return [name for name, m in model.named_modules()
+            if isinstance(m, (nn.Linear, conv1d_type())) and m is not output
+            and not any(name == h or name.startswith(h + ".") for h in heads)]
 
 
 def find_targets(model: nn.Module, target_modules, *, key: str = "method.target_modules") -> list[str]:

@@ -23,8 +23,18 @@ updates telescope, so at every step
     W = W0 + D,   D = lambda * s * (B_prev A_prev - B_anchor A_anchor)   (D = 0 before K),
 
 which makes both the method state and the export small: :meth:`DeltaLora.state_dict` holds
-the factors (low rank), and :meth:`DeltaLora.load_state_dict` re-derives W from them (W -= D
-for the old state, W += D for the new), so a checkpoint with only A, B and this state restores W.
+the factors (low rank), and :meth:`DeltaLora.load_state_dict` re-derives W from them, so a
+checkpoint with only A, B and this state restores W.
+
+Precision. W is never updated in place: each layer keeps its starting weight W0 (a
+non-persistent buffer ``delta_lora_base``, one more copy of each adapted weight in the base's
+dtype) and after every step W is set to ``W0 + D``, D computed in float32 (or wider) from the
+factors and rounded once to W's dtype. On a bf16 base the per-step deltas (about lr |B| |A|)
+lie far below bf16's resolution of 2^-9 relative; added one at a time they mostly rounded
+away, while the export carried the intended D (a 4096 x 4096 weight N(0, 0.02), B at N(0, 0.01),
+50 steps moving A and B by 2e-4 each: W equalled round_bf16(W0 + the rule's sum) in 24% of its
+entries, the change was 0.71 off that in norm; now 100%). With one rounding W is within half a
+bf16 ulp of the rule, whatever the number of steps.
 
 Export (``save``). The whole change from the base model is
 ``W - W0 + s B A = s [(1 + lambda) B A - lambda B_anchor A_anchor]``, a matrix of rank <= 2r.
@@ -52,6 +62,7 @@ from ftlab.methods.checks import check_targets
 from ftlab.methods.registry import register
 
 Factors = tuple[torch.Tensor, torch.Tensor]  # (A, B)
+BASE = "delta_lora_base"  # each layer's buffer holding W0
 
 
 def _factors(layer: LoraLinear) -> Factors:
@@ -94,6 +105,9 @@ class DeltaLora:
     def apply(self, model: nn.Module, total_steps: int = 0) -> nn.Module:
         self._lora().apply(model)
         self._layers = lora_layers(model)
+        for layer in self._layers.values():
+            # A buffer, so it follows the model through .to(device) and Lightning's dtype cast.
+            layer.register_buffer(BASE, layer.base_layer.weight.detach().clone(), persistent=False)
         self._prev = {name: _factors(layer) for name, layer in self._layers.items()}
         self._anchor, self.step = {}, 0
         if self._pending is not None:  # state loaded before the layers existed
@@ -112,14 +126,11 @@ class DeltaLora:
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         moving = (step - 1) > self.start_step and self.update_ratio != 0
         for name, layer in self._layers.items():
-            a_old, b_old = self._prev[name]
-            a_new, b_new = _factors(layer)
             if moving:
-                self._anchor.setdefault(name, (a_old, b_old))
-                delta = _layout(layer, b_new @ a_new - b_old @ a_old)
-                weight = layer.base_layer.weight
-                weight.add_(delta.to(weight.dtype), alpha=self.update_ratio * self.scaling)
-            self._prev[name] = (a_new, b_new)
+                self._anchor.setdefault(name, self._prev[name])
+            self._prev[name] = _factors(layer)
+            if moving:
+                self._set_weight(name)
         self.step = step
 
     # -- W = W0 + D(prev, anchor) -------------------------------------------------------------
@@ -127,15 +138,26 @@ class DeltaLora:
         """D for one layer (in its weight layout), or None while W has not moved."""
         if name not in self._anchor:
             return None
-        (a, b), (a0, b0) = self._prev[name], self._anchor[name]
+        w0 = getattr(self._layers[name], BASE)
+        # At least float32 even when the factors are bf16 (bf16-true): D is the difference of
+        # two nearly equal products.
+        def wide(t: torch.Tensor) -> torch.Tensor:
+            return t.to(w0.device, torch.promote_types(t.dtype, torch.float32))
+
+        (a, b), (a0, b0) = [tuple(map(wide, f)) for f in (self._prev[name], self._anchor[name])]
         return _layout(self._layers[name], (b @ a - b0 @ a0) * (self.update_ratio * self.scaling))
 
     @torch.no_grad()
-    def _shift(self, sign: int) -> None:
-        for name, layer in self._layers.items():
-            d = self.moved(name)
-            if d is not None:
-                layer.base_layer.weight.add_(d.to(layer.base_layer.weight.dtype), alpha=sign)
+    def _set_weight(self, name: str) -> None:
+        """W = W0 + D with a single rounding to W's dtype (W = W0 while D does not exist)."""
+        layer = self._layers[name]
+        w0, d = getattr(layer, BASE), self.moved(name)
+        w = w0 if d is None else w0.to(d.dtype) + d
+        layer.base_layer.weight.copy_(w.to(layer.base_layer.weight.dtype))
+
+    def _sync(self) -> None:
+        for name in self._layers:
+            self._set_weight(name)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "prev": dict(self._prev), "anchor": dict(self._anchor)}
@@ -146,13 +168,11 @@ class DeltaLora:
         if not self._layers:
             self._pending = state
             return
-        self._shift(-1)  # back to W0 under the old state ...
         device = next(iter(self._layers.values())).lora_A.weight.device
-        to = lambda f: tuple(t.to(device) for t in f)
-        self._prev = {n: to(f) for n, f in state["prev"].items()}
-        self._anchor = {n: to(f) for n, f in state["anchor"].items()}
+        self._prev = {n: tuple(t.to(device) for t in f) for n, f in state["prev"].items()}
+        self._anchor = {n: tuple(t.to(device) for t in f) for n, f in state["anchor"].items()}
         self.step = int(state["step"])
-        self._shift(+1)  # ... and forward under the new one
+        self._sync()
 
     # -- export: the whole change as a peft LoRA adapter of rank r or 2r ----------------------
     def save(self, model: nn.Module, directory: Path) -> None:
@@ -200,7 +220,7 @@ class DeltaLora:
         if tensors:
             raise ValueError(f"{directory}: tensors with no place in this model: {sorted(tensors)[:3]}")
         self.step = int(meta["step"])
-        self._shift(+1)
+        self._sync()
         return model
 
 

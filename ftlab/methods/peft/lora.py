@@ -8,8 +8,12 @@ ftlab's own implementation of LoRA or VeRA (``ftlab/methods/native/``) instead.
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
+
 from ftlab.errors import ConfigError, check_choice, check_fraction, check_positive
-from ftlab.methods.base import Traits
+from ftlab.methods.base import Traits, trainable_parameters
 from ftlab.methods.checks import check_bool, check_int, check_low_rank, check_targets
 from ftlab.methods.peft.wrapper import PeftMethod
 from ftlab.methods.registry import register
@@ -103,14 +107,45 @@ def lora_plus(r: int = 8, alpha: float = 16, dropout: float = 0.05,
     """LoRA+, Hayou, Ghosh, Yu 2024 (arXiv 2402.12354): plain LoRA weights, but B learns
     faster than A: ``lr_B = ratio * lr_A`` (ratio = lambda > 1; 2^4 = 16 as recommended).
 
-    Implemented in :meth:`PeftMethod.param_groups` (B's groups carry ``ratio * lr``), so it
-    works with whatever optimizer class the config names. Trains ``sum r * (in + out)``.
+    The groups are those of peft's ``create_loraplus_optimizer`` (:func:`loraplus_groups`),
+    each carrying its own lr, so it works with whatever optimizer class the config names.
+    Trains ``sum r * (in + out)``.
     """
     check_low_rank(r, alpha, dropout)
     targets = check_targets(target_modules)
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
         raise ConfigError(f"method.ratio must be a number > 1 (lr_B = ratio * lr_A), got {ratio!r}")
-    return PeftMethod("lora_plus", _lora_config(r, alpha, dropout, targets), lr_scale={"lora_B": float(ratio)})
+    return PeftMethod("lora_plus", _lora_config(r, alpha, dropout, targets),
+                      groups=lambda model, lr, wd: loraplus_groups(model, lr, wd, float(ratio)))
+
+
+LORAPLUS_LR_EMBEDDING = 1e-6  # peft's default loraplus_lr_embedding
+
+
+def loraplus_groups(model: nn.Module, lr: float, weight_decay: float, ratio: float) -> list[dict[str, Any]]:
+    """peft's ``create_loraplus_optimizer`` grouping (peft/optimizers/loraplus.py), over the
+    trainable tensors:
+
+    - LoRA factors of an embedding layer: ``lr = 1e-6`` (peft's ``loraplus_lr_embedding``), decay;
+    - B, and every 1-D tensor (a classifier's bias, a trainable norm weight): ``lr = ratio * lr``,
+      with weight decay unless its name holds ``bias`` or it belongs to a ``nn.LayerNorm``;
+    - everything else (A, a classifier's weight matrix): ``lr``, with weight decay.
+
+    ``weight_decay`` plays peft's ``loraplus_weight_decay``. Empty groups are left out."""
+    in_layernorm = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
+    a, embedding, b, b_no_decay = [], [], [], []
+    for name, p in trainable_parameters(model):
+        if ".lora_embedding_" in name:
+            embedding.append(p)
+        elif "lora_B" in name or p.ndim == 1:
+            (b_no_decay if "bias" in name or id(p) in in_layernorm else b).append(p)
+        else:
+            a.append(p)
+    groups = [{"params": a, "lr": lr, "weight_decay": weight_decay},
+              {"params": embedding, "lr": LORAPLUS_LR_EMBEDDING, "weight_decay": weight_decay},
+              {"params": b, "lr": lr * ratio, "weight_decay": weight_decay},
+              {"params": b_no_decay, "lr": lr * ratio, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 @register("vera")

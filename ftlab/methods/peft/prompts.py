@@ -74,7 +74,7 @@ def p_tuning(num_virtual_tokens: int = 20, encoder: str = "lstm", encoder_hidden
 
 
 @register("prefix_tuning")
-def prefix_tuning(num_virtual_tokens: int = 20, projection: bool = False,
+def prefix_tuning(num_virtual_tokens: int = 20, projection: bool = True,
                   encoder_hidden_size: int | None = None) -> PeftMethod:
     """Prefix tuning, Li and Liang 2021 (arXiv 2101.00190): trainable key and value prefixes of
     k positions at every layer, attended to by every token. Without projection it trains

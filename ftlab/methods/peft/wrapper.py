@@ -18,7 +18,7 @@ from typing import Any, Callable
 from torch import nn
 
 from ftlab.errors import ConfigError
-from ftlab.methods.base import Traits, default_param_groups, trainable_parameters
+from ftlab.methods.base import Traits, default_param_groups
 from ftlab.methods.quantized import is_quantized
 from ftlab.methods.targets import check_target_names, fmt_targets, linear_module_names
 
@@ -31,7 +31,7 @@ class PeftMethod:
 
     - ``peft_config``: a peft config, or a function ``total_steps -> config`` for a method whose
       config depends on the length of the run (AdaLoRA's rank budget schedule);
-    - ``lr_scale``: learning-rate multipliers by parameter-name marker (LoRA+: ``{"lora_B": 16}``);
+    - ``groups(model, lr, weight_decay)``: the method's own optimizer groups (LoRA+);
     - ``step_hook(model, step)``: work after each optimizer step (AdaLoRA's rank allocation);
     - ``traits``: what the rest of ftlab needs to know (:class:`~ftlab.methods.base.Traits`:
       its quantized base, whether it merges or packs, whether it recomputes activations);
@@ -46,7 +46,7 @@ class PeftMethod:
     peft_config: Any
     traits: Traits = Traits(quantized_base=True)
     state: dict[str, Any] = field(default_factory=dict)
-    lr_scale: dict[str, float] = field(default_factory=dict)
+    groups: Callable[[nn.Module, float, float], list[dict[str, Any]]] | None = None
     step_hook: Callable[[nn.Module, int], None] | None = None
     save_as_lora: bool = False
     model_state: tuple[Callable[[nn.Module], dict], Callable[[nn.Module, dict], None]] | None = None
@@ -135,16 +135,11 @@ class PeftMethod:
         return peft_model
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
-        """:func:`default_param_groups`, further split by learning-rate multiplier; each group
-        carries its own ``lr``, so LoRA+ works with any optimizer class."""
-        if not self.lr_scale:
-            return default_param_groups(model, lr, weight_decay)
-        buckets: dict[tuple[float, bool], list[nn.Parameter]] = {}
-        for name, p in trainable_parameters(model):
-            scale = next((s for marker, s in self.lr_scale.items() if marker in name), 1.0)
-            buckets.setdefault((scale, p.ndim >= 2), []).append(p)
-        return [{"params": params, "lr": lr * scale, "weight_decay": weight_decay if decay else 0.0}
-                for (scale, decay), params in sorted(buckets.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+        """The method's own ``groups``, else :func:`default_param_groups`; each group carries
+        its own ``lr``, so LoRA+ works with any optimizer class."""
+        if self.groups is not None:
+            return self.groups(model, lr, weight_decay)
+        return default_param_groups(model, lr, weight_decay)
 
     def build_optimizer(self, model: nn.Module, lr: float, weight_decay: float):
         return None  # the configured optimizer over param_groups
