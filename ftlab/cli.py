@@ -310,6 +310,7 @@ def settings_from_config(cfg, run_dir: str):
                               LoggerSettings, ModelSettings, MonitorSettings, OptimizerSettings,
                               RunSettings, SchedulerSettings, build)
 
+    _fill_auto_model(cfg)
     raw = OmegaConf.to_container(cfg, resolve=False)
     raw.pop("hydra", None)  # resolving hydra.* needs the job's runtime; ftlab needs none of it
     try:
@@ -355,6 +356,23 @@ def settings_from_config(cfg, run_dir: str):
         monitor=build(MonitorSettings, c["monitor"], "monitor"),
         sweep_name=sweep_name,
     )
+
+
+def _fill_auto_model(cfg) -> None:
+    """``model=auto``: its heads, default targets and name come from ``model.path``'s
+    config.json (:mod:`ftlab.models.auto`). They are written into ``cfg`` itself, so the method
+    configs' ``${model.target_modules}`` and the run's saved config.yaml see them."""
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from ftlab.models.auto import AUTO, resolve_auto
+
+    if "model" not in cfg or cfg.model.get("source") != AUTO:
+        return
+    filled = resolve_auto(OmegaConf.to_container(cfg.model, resolve=False))
+    with read_write(cfg), open_dict(cfg):
+        for key, value in filled.items():
+            if cfg.model.get(key) != value:
+                cfg.model[key] = value
 
 
 def _check_before_weights(settings) -> None:
