@@ -69,10 +69,10 @@ class SchedulerSettings:
 
 @dataclass
 class HardwareSettings:
-    """Where and how a run trains (``conf/hardware/*.yaml``); see :mod:`ftlab.hardware`.
+    """Where and how a run trains (``conf/hardware/*.yaml``); see :mod:`ftlab.training.hardware`.
 
     Checks of the values alone happen here; checks of combinations with the model and method,
-    and of this machine (GPUs, bf16 support), in :func:`ftlab.hardware.check_hardware`."""
+    and of this machine (GPUs, bf16 support), in :func:`ftlab.training.hardware.check_hardware`."""
 
     name: str = "cpu"
     accelerator: str = "cpu"

@@ -125,8 +125,10 @@ def export_adapter(run_dir: str | Path, out: str | Path, best: bool = False) -> 
 def _base_location(settings) -> str | None:
     """Where a plain ``from_pretrained`` finds the base weights, if anywhere."""
     m = settings.model
-    if m.path:
-        return str(Path(m.path).expanduser().resolve())
+    if m.path:  # a directory (its absolute path) or a hub id (as given)
+        from ftlab.models.loading import shared_name
+
+        return shared_name(m, m.path)
     if m.source == "hub":
         return m.hub_id
     if m.source == "package":

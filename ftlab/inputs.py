@@ -15,11 +15,12 @@ MODEL_SOURCES = ("gguf_package", "package", "hub", "local", "random")
 MODEL_TASKS = ("causal_lm", "seq_cls")
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
-DATA_FORMATS = ("instruction", "chat", "text", "classification")
+DATA_FORMATS = ("instruction", "chat", "sharegpt", "text", "classification")
 # Record fields each data format reads (data.fields maps them to the names in the file).
 FORMAT_FIELDS = {"instruction": ("instruction", "input", "output"), "chat": ("messages",),
+                 "sharegpt": ("conversations",),
                  "text": ("text",), "classification": ("text", "label")}
-TEMPLATES = ("alpaca",)
+TEMPLATES = ("alpaca", "chat")   # chat: the model's own chat template (docs/data.md)
 
 
 @dataclass
@@ -76,7 +77,7 @@ class DataSettings:
 
     ``path``: a local file (JSON, JSON Lines, CSV, TSV, Parquet; for ``text`` also plain text),
     a directory or glob of them (``text``), ``builtin:<name>`` (shipped in ftlab), or a Hugging
-    Face dataset ``hub:<owner/name>[:split]``. See docs/data.md.
+    Face dataset ``hub:<owner/name>[:split]`` (``subset``: its config name). See docs/data.md.
     """
 
     name: str
@@ -88,8 +89,9 @@ class DataSettings:
     max_length: int = 256
     # Record field -> the name used in the file; fields not given keep their own name.
     fields: dict[str, str] = field(default_factory=dict)
-    template: str = "alpaca"            # instruction: "alpaca" or a format string with {instruction}
+    template: str = "alpaca"            # instruction: "alpaca", "chat" or a format string with {instruction}
     chat_template: str | None = None    # chat: used when the model has none ("chatml" or Jinja)
+    subset: str | None = None           # hub datasets: the config (subset) name, e.g. "main"
     labels: list[str] | None = None     # classification: the label set (default: the training file's)
     train_on_prompt: bool = False
     padding: str = "longest"            # "longest" (dynamic) or "max_length"
@@ -111,6 +113,9 @@ class DataSettings:
             check_fraction("data.val_fraction", self.val_fraction)
             if self.val_fraction == 0:
                 raise ConfigError("data.val_fraction must be > 0 when no data.val_path is given")
+        if self.subset is not None and (not isinstance(self.subset, str) or not self.subset.strip()):
+            raise ConfigError(f"data.subset must name a dataset config (subset) of a hub dataset, "
+                              f"got {self.subset!r}")
         check_positive("data.max_length", self.max_length, integer=True)
         check_positive("data.batch_size", self.batch_size, integer=True)
         check_positive("data.eval_batch_size", self.eval_batch_size, integer=True)

@@ -43,6 +43,7 @@ def settings_from_config(cfg, run_dir: str) -> RunSettings:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
+    _fill_auto_model(cfg)
     raw = OmegaConf.to_container(cfg, resolve=False)
     raw.pop("hydra", None)  # resolving hydra.* needs the job's runtime; ftlab needs none of it
     try:
@@ -89,6 +90,23 @@ def settings_from_config(cfg, run_dir: str) -> RunSettings:
         callbacks={k: v for k, v in (c.get("callbacks") or {}).items() if v is not None},
         plugins=plugins,
     )
+
+
+def _fill_auto_model(cfg) -> None:
+    """``model=auto``: its heads, default targets and name come from ``model.path``'s
+    config.json (:mod:`ftlab.models.auto`). They are written into ``cfg`` itself, so the method
+    configs' ``${model.target_modules}`` and the run's saved config.yaml see them."""
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from ftlab.models.auto import AUTO, resolve_auto
+
+    if "model" not in cfg or cfg.model.get("source") != AUTO:
+        return
+    filled = resolve_auto(OmegaConf.to_container(cfg.model, resolve=False))
+    with read_write(cfg), open_dict(cfg):
+        for key, value in filled.items():
+            if cfg.model.get(key) != value:
+                cfg.model[key] = value
 
 
 def explain_optimizer_error(target: str | None, err: Exception) -> str:

@@ -128,7 +128,7 @@ def test_hold_is_exclusive_between_processes(tmp_path):
 
 MODEL_WORKER = BARRIER + """
 import hashlib, yaml
-from ftlab.cli import config_dir
+from ftlab.settings import config_dir
 from ftlab.config import ModelSettings
 from ftlab.models import load_model
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -33,7 +38,18 @@ def encoder_only(model: str) -> bool:
 
 def with_data(group: str, option: str) -> list[str]:
     extra = ["data=classification"] if group == "model" and encoder_only(option) else []
+    if group == "model" and option == "auto":  # model=auto reads a model directory's config.json
+        extra.append(f"model.path={_auto_model_dir()}")
     return [f"{group}={option}", *extra]
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_model_dir() -> Path:
+    from hf_dirs import save_tiny_model
+
+    root = Path(tempfile.mkdtemp(prefix="ftlab-auto-model-"))
+    atexit.register(shutil.rmtree, root, True)
+    return save_tiny_model(root / "tiny-llama")
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from ftlab.hardware import keep_trainable_in_fp32
+from ftlab.training.hardware import keep_trainable_in_fp32
 from ftlab.methods import build_method, count_parameters
 from ftlab.models import load_model
 from ftlab.planning.counts import parameter_summary

@@ -12,9 +12,12 @@ Each format is a small object with the same four parts, so the data module needs
 
 Formats (``data.format``):
 
-- ``instruction``: ``{instruction, input?, output}`` (Alpaca), loss on ``output`` + <eos>.
+- ``instruction``: ``{instruction, input?, output}`` (Alpaca), loss on ``output`` + <eos>; with
+  ``data.template=chat``, rendered as a two-turn conversation by the model's chat template.
 - ``chat``: ``{messages: [{role, content}, ...]}`` rendered with the model's chat template,
   loss on every assistant turn (the template's end-of-turn token included).
+- ``sharegpt``: ``{conversations: [{from, value}, ...]}`` (roles human/gpt/system), the same
+  conversations under ShareGPT's names: mapped to ``chat`` messages, then handled exactly alike.
 - ``text``: documents for continued pre-training, cut into ``max_length`` blocks, loss on all.
 - ``classification``: ``{text, label}`` for a sequence-classification head.
 """
@@ -28,11 +31,18 @@ from ftlab.config import DataSettings
 from ftlab.data.encode import (Encoded, encode_classification, encode_example, encode_prompt,
                                encode_segments)
 from ftlab.data.records import Row
-from ftlab.data.templates import (check_chat_template, chat_segments, render_chat, render_prompt,
-                                  resolve_chat_template)
+from ftlab.data.templates import (CHAT, check_chat_template, chat_segments, instruction_messages,
+                                  render_chat, render_prompt, resolve_chat_template)
 from ftlab.errors import DataError
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# ShareGPT's roles (human, gpt, system), and the chat names too, since many ShareGPT-style files
+# mix them: as written -> the role the chat template gets.
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user",
+                  "assistant": "assistant", "tool": "tool"}
+# How a conversation is written, by format: the keys of each turn and its roles.
+CHAT_STYLES = {"chat": ("role", "content", {r: r for r in CHAT_ROLES}),
+               "sharegpt": ("from", "value", SHAREGPT_ROLES)}
 
 
 def _text(row: Row, data: dict, key: str, required: bool = True, at: str | None = None) -> str:
@@ -63,9 +73,19 @@ def _object(row: Row) -> dict:
 
 @dataclass
 class InstructionFormat:
+    """Alpaca records. ``data.template=chat`` renders each one as a user turn (instruction,
+    then input) and an assistant turn (output) through the model's chat template, as TRL and
+    LLaMA-Factory do for instruct models; the loss is then on the assistant turn as the
+    template writes it (end-of-turn token included), exactly as for ``chat`` records."""
+
     settings: DataSettings
     name: str = "instruction"
     generative: bool = True
+    _template: tuple[str, str] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.settings.template == CHAT:
+            check_chat_template(self.settings.chat_template)
 
     def record(self, row: Row) -> dict[str, str]:
         data, f = _object(row), self.settings.fields
@@ -73,12 +93,26 @@ class InstructionFormat:
                 "input": _text(row, data, f["input"], required=False),
                 "output": _text(row, data, f["output"])}
 
+    def template(self, tokenizer) -> tuple[str, str]:
+        """The chat template (``data.template=chat`` only) and where it came from."""
+        if self._template is None:
+            self._template = resolve_chat_template(tokenizer, self.settings.chat_template,
+                                                   "data.template=chat")
+        return self._template
+
     def encode(self, record: dict, tokenizer) -> Encoded:
         s = self.settings
+        if s.template == CHAT:
+            segments = chat_segments(tokenizer, self.template(tokenizer)[0], instruction_messages(record))
+            return encode_segments(segments, tokenizer, s.max_length, s.train_on_prompt)
         return encode_example(render_prompt(record, s.template), record["output"], tokenizer,
                               s.max_length, s.train_on_prompt)
 
     def prompt_ids(self, record: dict, tokenizer) -> list[int]:
+        if self.settings.template == CHAT:
+            text = render_chat(tokenizer, self.template(tokenizer)[0], instruction_messages(record)[:-1],
+                               add_generation_prompt=True)
+            return encode_prompt(text, tokenizer)
         return encode_prompt(render_prompt(record, self.settings.template), tokenizer)
 
     def shown(self, record: dict) -> str:
@@ -88,6 +122,9 @@ class InstructionFormat:
         return record["output"]
 
     def fingerprint(self, tokenizer) -> dict:
+        if self.settings.template == CHAT:
+            template = self.template(tokenizer)[0]
+            return {"template": CHAT, "chat_template": hashlib.sha256(template.encode()).hexdigest()}
         return {"template": self.settings.template}
 
 
@@ -102,13 +139,19 @@ class ChatFormat:
         check_chat_template(self.settings.chat_template)
 
     def record(self, row: Row) -> dict:
+        """``{"messages": [{role, content}, ...]}`` whatever the style it is written in
+        (``chat``: role/content; ``sharegpt``: from/value with human/gpt roles)."""
         data = _object(row)
-        key = self.settings.fields["messages"]
+        role_key, content_key, roles = CHAT_STYLES[self.name]
+        key = self.settings.fields["conversations" if self.name == "sharegpt" else "messages"]
+        shape = f"{{{role_key}, {content_key}}}"
         messages = data.get(key)
         if messages is None:
-            raise row.error(key, "missing (a required field)")
+            other, fmt = ("messages", "chat") if self.name == "sharegpt" else ("conversations", "sharegpt")
+            hint = f"; the record has {other!r}, which data={fmt} reads" if other in data else ""
+            raise row.error(key, "missing (a required field)" + hint)
         if not isinstance(messages, list):
-            raise row.error(key, f"must be a list of {{role, content}} messages, got "
+            raise row.error(key, f"must be a list of {shape} messages, got "
                                  f"{type(messages).__name__}")
         if not messages:
             raise row.error(key, "is empty")
@@ -116,22 +159,24 @@ class ChatFormat:
         for i, message in enumerate(messages):
             at = f"{key}[{i}]"
             if not isinstance(message, dict):
-                raise row.error(at, f"must be a {{role, content}} object, got {type(message).__name__}")
-            role = _text(row, message, "role", at=f"{at}.role").strip()
-            if role not in CHAT_ROLES:
-                raise row.error(f"{at}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
-            content = _text(row, message, "content", at=f"{at}.content")
-            out.append({"role": role, "content": content})
+                raise row.error(at, f"must be a {shape} object, got {type(message).__name__}")
+            role = _text(row, message, role_key, at=f"{at}.{role_key}").strip()
+            if role not in roles:
+                raise row.error(f"{at}.{role_key}", f"must be one of {', '.join(roles)}, got {role!r}")
+            content = _text(row, message, content_key, at=f"{at}.{content_key}")
+            out.append({"role": roles[role], "content": content})
         if out[-1]["role"] != "assistant":
-            raise row.error(f"{key}[{len(out) - 1}].role",
-                            f"the last message must be the assistant's answer, got {out[-1]['role']!r}")
+            raise row.error(f"{key}[{len(out) - 1}].{role_key}",
+                            f"the last message must be the assistant's answer, got "
+                            f"{messages[-1][role_key].strip()!r}")
         if out[0]["role"] == "assistant":
-            raise row.error(f"{key}[0].role", "the conversation must not start with the assistant")
+            raise row.error(f"{key}[0].{role_key}", "the conversation must not start with the assistant")
         return {"messages": out}
 
     def template(self, tokenizer) -> tuple[str, str]:
         if self._template is None:
-            self._template = resolve_chat_template(tokenizer, self.settings.chat_template)
+            self._template = resolve_chat_template(tokenizer, self.settings.chat_template,
+                                                   f"data.format={self.name}")
         return self._template
 
     def encode(self, record: dict, tokenizer) -> Encoded:
@@ -219,7 +264,8 @@ class ClassificationFormat:
 
 
 FORMATS = {"instruction": InstructionFormat, "chat": ChatFormat, "text": TextFormat,
-           "classification": ClassificationFormat}
+           "classification": ClassificationFormat,
+           "sharegpt": lambda settings: ChatFormat(settings, name="sharegpt")}
 
 
 def build_format(settings: DataSettings):

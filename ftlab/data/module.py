@@ -97,7 +97,7 @@ class DataModule(L.LightningDataModule):
         if self.settings.format == "text" and not _structured(path):
             # Plain text: each file is one document (read_text refuses empty or non-UTF-8 ones).
             return [(Row(str(f), "line 1", None), {"text": read_text(f)}) for f in text_files(path)]
-        return [(row, self.format.record(row)) for row in read_rows(path)]
+        return [(row, self.format.record(row)) for row in read_rows(path, self.settings.subset)]
 
     # -- 2. encode ----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -229,7 +229,7 @@ class DataModule(L.LightningDataModule):
                   f"over-long examples {'dropped' if s.over_length == 'drop' else 'truncated'} "
                   f"at {s.max_length} tokens")
         lines = [f"Data {s.name!r} ({s.format}, {s.path}; {loss}; {batching}; {length})"]
-        if s.format == "chat":
+        if s.format in ("chat", "sharegpt") or (s.format == "instruction" and s.template == "chat"):
             lines.append(f"  chat template: {self.format.template(self.tokenizer)[1]}")
         if self.labels:
             lines.append(f"  labels: {', '.join(self.labels)}")

@@ -13,7 +13,8 @@ Sources:
   as strings (no type guessing: an answer "42" stays "42"); rows are numbered from 1 after the
   header.
 - ``hub:<owner/name>[:split]`` (or a bare ``owner/name`` that is not a local path): a Hugging
-  Face dataset, from the local cache or the hub. Without either, one message says so.
+  Face dataset, from the local cache or the hub, with ``data.subset`` as its config name.
+  Without either, one message says so.
 - ``builtin:<name>``: a file or directory shipped in ``ftlab/data/builtin``.
 - Plain text (``.txt``, ``.md``, a directory of them, or a glob): documents for ``format=text``.
 
@@ -90,10 +91,16 @@ def is_hub_name(path: str) -> bool:
     return Path(last).suffix.lower() not in (".json", *JSON_LINES, *TABLES, *TEXT_SUFFIXES)
 
 
-def read_rows(path: str) -> list[Row]:
-    """Every raw record of a structured source (JSON, JSON Lines, CSV, TSV, Parquet, hub)."""
+def read_rows(path: str, subset: str | None = None) -> list[Row]:
+    """Every raw record of a structured source (JSON, JSON Lines, CSV, TSV, Parquet, hub).
+
+    ``subset``: the config name of a hub dataset (``datasets.load_dataset(name, subset)``);
+    refused for a local file, where it could only be a mistake."""
     if is_hub_name(path):
-        return _hub_rows(path)
+        return _hub_rows(path, subset)
+    if subset is not None:
+        raise DataError(f"data.subset={subset} names a config of a Hugging Face dataset, but "
+                        f"data.path={path} is not one (use hub:<owner>/<name>, or drop data.subset)")
     file = resolve_path(path)
     if file.is_dir():
         raise DataError(f"data.path={path} is a directory; this format reads one file "
@@ -218,7 +225,7 @@ def _table_rows(file: Path) -> list[Row]:
     return [Row(str(file), f"row {i}", r) for i, r in enumerate(records, start=1)]
 
 
-def _hub_rows(path: str) -> list[Row]:
+def _hub_rows(path: str, subset: str | None = None) -> list[Row]:
     name = path[len(HUB_PREFIX):] if path.startswith(HUB_PREFIX) else path
     name, _, split = name.partition(":")
     split = split or "train"
@@ -226,16 +233,19 @@ def _hub_rows(path: str) -> list[Row]:
     offline = any(os.environ.get(v, "0").lower() in ("1", "true", "yes")
                   for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
     try:
-        table = datasets.load_dataset(name, split=split)
+        # The subset is datasets' config "name" (passed only when given, as a user would).
+        table = datasets.load_dataset(name, split=split, **({"name": subset} if subset else {}))
     except Exception as err:  # noqa: BLE001  connection, cache and name errors all end here
         reason = " ".join(str(err).split())[:200]
+        where = f"subset {subset!r}, split {split!r}" if subset else f"split {split!r}"
         raise DataError(
             f"data.path={path}: no such local file, and the Hugging Face dataset {name!r} "
-            f"(split {split!r}) could not be loaded from the local cache"
+            f"({where}) could not be loaded from the local cache"
             + (" with the hub disabled (HF_HUB_OFFLINE=1)" if offline else " or the hub")
             + f" ({type(err).__name__}: {reason}). Use a local file (data.path=/path/to/data.jsonl) "
             "or load the dataset once where the hub is reachable") from None
-    return [Row(f"{name}[{split}]", f"row {i}", r) for i, r in enumerate(table.to_list(), start=1)]
+    source = f"{name}[{subset}/{split}]" if subset else f"{name}[{split}]"
+    return [Row(source, f"row {i}", r) for i, r in enumerate(table.to_list(), start=1)]
 
 
 def text_files(path: str) -> list[Path]:

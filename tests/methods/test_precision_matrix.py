@@ -29,8 +29,8 @@ from peft import PeftModel
 from torch.utils.data import DataLoader
 
 from ftlab.config import OptimizerSettings, SchedulerSettings
-from ftlab.hardware import keep_trainable_in_fp32
-from ftlab.module import FinetuneModule
+from ftlab.training.hardware import keep_trainable_in_fp32
+from ftlab.training.module import FinetuneModule
 from tiny_runs import one_thread
 
 from .test_matrix import base_model

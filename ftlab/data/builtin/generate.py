@@ -6,6 +6,8 @@
 - ``chat.jsonl`` (format ``chat``): the same records as conversations, one user turn (the
   instruction and its input) and one assistant turn (the answer), so a chat run can be
   compared with an instruction run on the same task and metric;
+- ``sharegpt.jsonl`` (format ``sharegpt``): the same conversations in ShareGPT's form
+  (``conversations`` of ``{from: human|gpt, value}``);
 - ``sentiment.jsonl`` (format ``classification``): short review sentences labelled
   ``positive`` or ``negative``, built from subjects, adjectives, intensifiers and negation
   ("The soup was not fresh." is negative), all distinct, balanced.
@@ -100,6 +102,13 @@ def chat_records(tasks: list[dict[str, str]]) -> list[dict]:
                           {"role": "assistant", "content": r["output"]}]} for r in tasks]
 
 
+def sharegpt_records(chats: list[dict]) -> list[dict]:
+    """The same conversations in ShareGPT's form: ``conversations`` of ``{from, value}``."""
+    names = {"system": "system", "user": "human", "assistant": "gpt"}
+    return [{"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in c["messages"]]}
+            for c in chats]
+
+
 SUBJECTS = ["The movie", "The soup", "The hotel room", "Our waiter", "This phone", "The concert",
             "The book", "The service", "The coffee", "The new album", "The hike", "The museum tour",
             "The laptop", "The pizza", "The staff", "The show", "The game", "The train ride",
@@ -144,6 +153,7 @@ def main() -> None:
     rows = generate()
     _write("tasks.jsonl", rows)
     _write("chat.jsonl", chat_records(rows))
+    _write("sharegpt.jsonl", sharegpt_records(chat_records(rows)))
     _write("sentiment.jsonl", sentiment())
 
 

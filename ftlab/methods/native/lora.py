@@ -113,7 +113,9 @@ def peft_lora_config(model: nn.Module, r: int, alpha: float, dropout: float, use
         r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
         target_modules=peft_target_modules(model, list(layers)),
         fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers.values()),
-        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None) or None,
+        # The name ftlab's loader gave the base (a hub id, not a private cache path), as peft reads it.
+        base_model_name_or_path=(getattr(model, "name_or_path", None)
+                                 or getattr(getattr(model, "config", None), "_name_or_path", None) or None),
         **peft_task(model),
     )
 
