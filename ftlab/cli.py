@@ -307,7 +307,7 @@ def settings_from_config(cfg, run_dir: str):
     from omegaconf import OmegaConf
 
     from ftlab.config import (DataSettings, DryRunSettings, EvalSettings, HardwareSettings,
-                              LoggerSettings, ModelSettings, MonitorSettings, OptimizerSettings,
+                              LoggerSettings, LossSettings, ModelSettings, MonitorSettings, OptimizerSettings,
                               RunSettings, SchedulerSettings, build)
 
     raw = OmegaConf.to_container(cfg, resolve=False)
@@ -353,6 +353,7 @@ def settings_from_config(cfg, run_dir: str):
                       else {"enabled": c["dry_run"]}, "dry_run"),
         checkpoint_every_n_steps=c["checkpoint"]["every_n_steps"],
         monitor=build(MonitorSettings, c["monitor"], "monitor"),
+        loss=build(LossSettings, c.get("loss") or {}, "loss"),  # absent from runs saved before it
         sweep_name=sweep_name,
     )
 
