@@ -243,3 +243,41 @@ def test_validation_loss_is_token_weighted_and_perplexity_is_exp_of_it():
     assert got["val/perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     assert math.isfinite(got["val/perplexity"])
     assert got["val/token_accuracy"] == pytest.approx(correct / 15)
+
+
+# ---------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_chunked_loss_equals_the_models_own_on_smollm2():
+    """SmolLM2-135M (49,152-token vocabulary, tied head) with LoRA, one batch of 2 x 48
+    tokens, chunks of 32 scored tokens: loss and LoRA gradients as transformers computes them."""
+    import yaml
+
+    from ftlab.cli import config_dir
+    from ftlab.config import ModelSettings
+    from ftlab.models import load_model
+
+    settings = ModelSettings(**yaml.safe_load((config_dir() / "model" / "smollm2-135m.yaml").read_text()))
+    base, _ = load_model(settings)
+    model = build_method("lora", r=8, alpha=16, dropout=0.0, target_modules=["q_proj", "v_proj"]).apply(base, 10)
+    torch.manual_seed(0)
+    for p in model.parameters():  # LoRA B starts at zero: give A's gradients something to carry
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.randint(100, 49152, (2, 48), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    assert _chunkable_head(model) is not None
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ref = model(**batch).loss
+    ref_grads = grads(ref)
+    s = loss_sum(model, {k: v for k, v in batch.items() if k != "labels"}, labels, chunk_size=32)
+    got = grads(s.total / s.count)
+    assert float(s.total / s.count) == pytest.approx(float(ref), abs=1e-5)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-4, msg=n)
