@@ -37,7 +37,8 @@ for their ``P`` virtual tokens too, in front: the labels get ``P`` leading -100s
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +120,7 @@ def _chunkable_head(model: nn.Module) -> nn.Linear | None:
     """The model's output layer if the chunked path computes exactly what it does, else None."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    if type(head) is not nn.Linear:  # noqa: E721  a subclass or wrapper may compute something else
+    if type(head) is not nn.Linear:  # a subclass or wrapper may compute something else
         return None
     config = getattr(model, "config", None)
     for key in _LOGIT_TRANSFORMS:

@@ -31,7 +31,9 @@ everything in the half dtype). Then
   run's autocast, and every tensor storage allocated and freed is counted in order. The same
   trace gives **peak_step** = the highest total of live activations, temporaries and gradients
   at any op of the step. With gradient checkpointing each decoder layer keeps only its input,
-  and the trace includes the recomputation in backward. Models are traced with 2 and 3
+  and the trace includes the recomputation in backward. The loss is the run's own
+  (:func:`ftlab.loss.loss_sum`): with ``loss.chunk_size > 0`` no ``[tokens x vocabulary]``
+  logits are kept for backward, and only one chunk's live during the loss. Models are traced with 2 and 3
   decoder layers and extended to their depth (:func:`estimate_step`: every layer adds the
   same tensors), which takes a second or two for any size.
 - Lightning zeroes gradients after the forward pass, so the previous step's gradients are
@@ -73,6 +75,7 @@ from ftlab.config import DDP_STRATEGIES, RunSettings
 from ftlab.errors import ConfigError
 from ftlab.hardware import (decoder_layer_classes, enable_gradient_checkpointing, param_dtype,
                             precision_parts, world_size, zero_stage)
+from ftlab.loss import loss_sum
 from ftlab.methods import build_method, count_parameters
 from ftlab.models.loading import _DTYPES, meta_model, model_config
 
@@ -521,8 +524,13 @@ def _trace(s: RunSettings, *, quantization: str, checkpointing: bool, world: int
             p.grad = torch.empty_like(p)
             grad_keys.add(tracker.track(p.grad))
         tracker.mark("forward")
-        with autocast:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with autocast:  # the run's loss path: chunked cross-entropy keeps no full logits
+            if labels.ndim == 1:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            else:
+                total = loss_sum(model, {"input_ids": ids, "attention_mask": mask}, labels,
+                                 s.loss.chunk_size, all_scored=True)
+                loss = total.total / total.count
         tracker.mark("end_of_forward")
         for p in trainable:
             p.grad = None
