@@ -125,6 +125,18 @@ class DryRunSettings:
             check_positive("dry_run.device_memory_gb", self.device_memory_gb)
 
 
+@dataclass
+class LossSettings:
+    """``loss.chunk_size``: scored tokens per chunk of the chunked cross-entropy, which never
+    holds the logits of more than one chunk (:mod:`ftlab.training.loss`); 0: all logits at once."""
+
+    chunk_size: int = 1024
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) or self.chunk_size < 0:
+            raise ConfigError(f"loss.chunk_size must be an integer >= 0 (0: no chunking), got {self.chunk_size!r}")
+
+
 # What validation logs, by data format: the metrics a run can monitor.
 MONITORABLE = {"causal_lm": ("val/loss", "val/perplexity", "val/token_accuracy"),
                "seq_cls": ("val/loss", "val/accuracy", "val/f1")}
@@ -216,6 +228,7 @@ class RunSettings:
     checkpoint_every_n_steps: int | None = 50
     sweep_name: str | None = None
     monitor: MonitorSettings = field(default_factory=MonitorSettings)
+    loss: LossSettings = field(default_factory=LossSettings)
     # Extra Lightning callbacks by name: ``{_target_: import.path.Class, **kwargs}`` each.
     callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Modules imported before anything is built, where methods from outside ftlab register.

@@ -63,7 +63,8 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, base: bool =
         show_samples=s.eval.show_samples if samples is None else samples)
     s = dataclasses.replace(s, eval=eval_settings)
     module = FinetuneModule(loaded.model, loaded.method, s.optimizer, s.scheduler, total_steps=1,
-                            num_classes=len(loaded.labels) if loaded.labels else None)
+                            num_classes=len(loaded.labels) if loaded.labels else None,
+                            loss_chunk_size=s.loss.chunk_size)
     accelerator, precision = s.hardware.accelerator, s.hardware.precision
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         say(f"ftlab.eval: the run trained on {accelerator}, which this machine lacks: evaluating on "

@@ -114,7 +114,8 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     trainable, total = count_parameters(model)
     say(parameter_summary(model, s.method["name"], method, str(s.hardware.precision)))
     module = FinetuneModule(model, method, s.optimizer, s.scheduler, total_steps,
-                            num_classes=len(data.labels) if data.labels else None)
+                            num_classes=len(data.labels) if data.labels else None,
+                            loss_chunk_size=s.loss.chunk_size)
     if resume is not None:
         resume.check_model(module.model)  # a foreign checkpoint is refused before anything is written
     label = run_label(s)

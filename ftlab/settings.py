@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.config import (DataSettings, DryRunSettings, EvalSettings, HardwareSettings, LoggerSettings,
-                          ModelSettings, MonitorSettings, OptimizerSettings, RunSettings, SchedulerSettings,
-                          build)
+                          LossSettings, ModelSettings, MonitorSettings, OptimizerSettings, RunSettings,
+                          SchedulerSettings, build)
 from ftlab.errors import ConfigError, did_you_mean
 from ftlab.methods.registry import import_plugins
 
@@ -86,6 +86,7 @@ def settings_from_config(cfg, run_dir: str) -> RunSettings:
                       else {"enabled": c["dry_run"]}, "dry_run"),
         checkpoint_every_n_steps=c["checkpoint"]["every_n_steps"],
         monitor=build(MonitorSettings, c["monitor"], "monitor"),
+        loss=build(LossSettings, c.get("loss") or {}, "loss"),  # absent from runs saved before it
         sweep_name=sweep_name,
         callbacks={k: v for k, v in (c.get("callbacks") or {}).items() if v is not None},
         plugins=plugins,

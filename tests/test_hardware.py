@@ -56,8 +56,10 @@ def test_ddp_ranks_see_different_data(ddp_run):
 
 
 def test_ddp_gradients_are_averaged_across_ranks(ddp_run):
-    """After the first backward pass both ranks hold the mean of the gradients each rank's own
-    batch gives, recomputed here on a fresh copy of the model, and step to the same weights."""
+    """After the first backward pass both ranks hold the gradient of the token-weighted loss
+    over both ranks' batches, sum_r n_r L_r / (n_0 + n_1) (L_r: the mean loss of rank r's batch
+    over its n_r scored tokens), recomputed here on a fresh copy of the model, and step to the
+    same weights."""
     from ftlab.config import ModelSettings
     from ftlab.methods import build_method
     from ftlab.models import load_model
@@ -72,14 +74,14 @@ def test_ddp_gradients_are_averaged_across_ranks(ddp_run):
     with torch.no_grad():
         for name, value in r0["params_before"].items():
             named[name].copy_(value)
-    local = []
-    for rank in (r0, r1):
+    local, scored = [], [int((rank["batch"]["labels"][:, 1:] != -100).sum()) for rank in (r0, r1)]
+    for rank, count in zip((r0, r1), scored):
         model.zero_grad(set_to_none=True)
-        model(**rank["batch"]).loss.backward()
+        (model(**rank["batch"]).loss * count / sum(scored)).backward()
         local.append({n: named[n].grad.clone() for n in r0["grads"]})
     assert r0["grads"].keys() == r1["grads"].keys() and r0["grads"]
     for name in r0["grads"]:
-        mean = (local[0][name] + local[1][name]) / 2
+        mean = local[0][name] + local[1][name]
         assert torch.allclose(r0["grads"][name], mean, rtol=1e-4, atol=1e-7), name
         assert torch.equal(r0["grads"][name], r1["grads"][name]), name
     some_b = next(n for n in r0["grads"] if "lora_B" in n)

@@ -71,6 +71,10 @@ class Method(Protocol):
     def build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
         """The method's own optimizer, or None for the configured one over :meth:`param_groups`."""
 
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        """A penalty on the trained parameters, added to the loss once per optimizer step
+        (AdaLoRA's orthogonality penalty), or None."""
+
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after every optimizer step; ``step`` counts steps done (1-based)."""
 
@@ -99,6 +103,9 @@ class PlainHooks:
         return default_param_groups(model, lr, weight_decay)
 
     def build_optimizer(self, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer | None:
+        return None
+
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
         return None
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:

@@ -1,5 +1,9 @@
 """Peak training memory of one step, traced on fake tensors (no weights, no memory used).
 
+The loss is the run's own (:func:`ftlab.training.loss.loss_sum`): with ``loss.chunk_size > 0``
+no ``[tokens x vocabulary]`` logits are kept for backward, and only one chunk's are live
+during the loss.
+
 :func:`trace_training_step` runs one forward and backward pass of the planned model under
 ``FakeTensorMode`` and counts every tensor storage as it is allocated and freed;
 :func:`estimate_step` extrapolates from 2 and 3 decoder layers to the model's depth. The
@@ -16,6 +20,7 @@ from torch import nn
 from ftlab.config import RunSettings
 from ftlab.methods import method_from_spec
 from ftlab.models.loading import _DTYPES, meta_model, model_config
+from ftlab.training.loss import loss_sum
 from ftlab.training.hardware import enable_gradient_checkpointing, param_dtype, precision_parts, zero_stage
 
 GIB = 2**30
@@ -204,8 +209,13 @@ def _trace(s: RunSettings, *, quantization: str, checkpointing: bool, world: int
             p.grad = torch.empty_like(p)
             grad_keys.add(tracker.track(p.grad))
         tracker.mark("forward")
-        with autocast:
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        with autocast:  # the run's loss path: chunked cross-entropy keeps no full logits
+            if labels.ndim == 1:
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            else:
+                total = loss_sum(model, {"input_ids": ids, "attention_mask": mask}, labels,
+                                 s.loss.chunk_size, all_scored=True)
+                loss = total.total / total.count
         tracker.mark("end_of_forward")
         for p in trainable:
             p.grad = None

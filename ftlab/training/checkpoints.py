@@ -82,11 +82,9 @@ class RunState(L.Callback):
         self._rng: dict[str, Any] | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Recorded here, before any checkpoint callback runs at this hook (the module's own
-        # list is appended only after the callbacks).
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.train_losses.append((int(trainer.global_step), float(loss.detach())))
+        # Copied here, before any checkpoint callback runs at this hook: the module records
+        # the token-weighted loss of each optimizer step (not of each micro-batch).
+        self.train_losses = list(pl_module.train_losses)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         checkpoint["ftlab"] = {

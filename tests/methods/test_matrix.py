@@ -382,3 +382,45 @@ def test_not_applicable_pairs_are_refused_before_loading(family, case):
     _, name, overrides = CASES[CASE_IDS.index(case)]
     with pytest.raises(ConfigError, match=re.escape(NOT_APPLICABLE[family, case])):
         build(name, family=FAMILIES[family], **overrides).check(meta_model(FAMILIES[family].settings()))
+
+
+# ------------------------------------------------------------------------------ chunked loss
+LM_MATRIX = [m for m in MATRIX if m[0].task == "causal_lm"]
+
+
+@pytest.mark.parametrize("family, case, name, overrides", LM_MATRIX,
+                         ids=[f"{f.name}-{c}" for f, c, _, _ in LM_MATRIX])
+def test_chunked_loss_and_gradients_equal_the_models_own(family, case, name, overrides):
+    """Every method on every causal-LM family: ftlab's chunked cross-entropy (chunks of 7
+    scored tokens) against the model's own loss given labels, and their gradients. The same
+    seed before each forward pass gives both the same dropout masks. AdaLoRA's forward adds
+    its penalty to its own loss only, so it is added to the chunked one here."""
+    from ftlab.training.loss import loss_sum
+
+    method = build(name, family=family, **overrides)
+    torch.manual_seed(0)
+    model = method.apply(base_model(method, family), 10)
+    model.train()
+    batch = family.batch(rows=2, length=12)
+    batch["labels"][0, :4] = -100  # a masked prompt
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in trainable if p.grad is not None}
+
+    torch.manual_seed(1)
+    reference = model(**batch).loss
+    ref_grads = grads(reference)
+    torch.manual_seed(1)
+    s = loss_sum(model, {k: v for k, v in batch.items() if k != "labels"}, batch["labels"], chunk_size=7)
+    loss = s.total / s.count
+    penalty = getattr(method, "regularizer", None)
+    if penalty is not None:
+        loss = loss + penalty(model)
+    got = grads(loss)
+    assert float(loss) == pytest.approx(float(reference), abs=1e-5)
+    assert got.keys() == ref_grads.keys() and got
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(got[n], g, atol=1e-5, rtol=1e-5, msg=n)

@@ -250,7 +250,8 @@ def test_adalora_schedule_is_a_fraction_of_the_true_total(tiny_model):
 @pytest.mark.parametrize("name", ["adalora", "prompt_tuning", "p_tuning"])
 def test_validation_loss_is_plain_cross_entropy(name, tiny_model):
     """Prompt models return logits for their virtual tokens too; AdaLoRA's forward adds its
-    penalty to out.loss. FinetuneModule's validation loss is the plain CE of the real tokens."""
+    penalty to out.loss. FinetuneModule's validation loss is the plain CE of the real tokens,
+    the first one predicted from the last virtual token as in peft's training loss."""
     method = build(name)
     model = method.apply(tiny_model(), 10)
     module = FinetuneModule(model, method, OptimizerSettings(factory=torch.optim.AdamW, lr=1e-3),
@@ -261,8 +262,10 @@ def test_validation_loss_is_plain_cross_entropy(name, tiny_model):
     batch = next(iter(_loader(4)))
     with torch.no_grad():
         model.eval()
-        logits = model(**batch).logits[:, -batch["labels"].shape[1]:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(),
+        logits = model(**batch).logits
+    virtual = logits.shape[1] - batch["labels"].shape[1]
+    labels = torch.nn.functional.pad(batch["labels"], (virtual, 0), value=-100)
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                            ignore_index=-100)
     assert val == pytest.approx(ce.item(), rel=1e-5)
 

@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import ConfigError, check_positive
-from ftlab.methods.base import Traits, default_param_groups
+from ftlab.methods.base import PlainHooks, Traits, default_param_groups
 from ftlab.methods.native.common import PEFT_PREFIX, head_tensors, load_named, read_peft_format, save_peft_format
 from ftlab.methods.native.lora import LoraLinear, NativeLora, lora_layers, peft_lora_config
 from ftlab.methods.checks import check_targets
@@ -74,7 +74,7 @@ def _layout(layer: LoraLinear, delta: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class DeltaLora:
+class DeltaLora(PlainHooks):
     """LoRA whose frozen weight follows the delta of B A after ``start_step`` (module docstring)."""
 
     r: int = 8
@@ -120,9 +120,6 @@ class DeltaLora:
         return default_param_groups(model, lr, weight_decay)
 
     @torch.no_grad()
-    def build_optimizer(self, model: nn.Module, lr: float, weight_decay: float):
-        return None  # the configured optimizer over param_groups
-
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         moving = (step - 1) > self.start_step and self.update_ratio != 0
         for name, layer in self._layers.items():

@@ -62,7 +62,28 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: float = 16, dropout: flo
                              total_step=total_steps, task_type="CAUSAL_LM")
 
     return PeftMethod("adalora", config, step_hook=adalora_allocate,
-                      model_state=(adalora_state, load_adalora_state))
+                      model_state=(adalora_state, load_adalora_state), penalty=adalora_penalty)
+
+
+def adalora_penalty(model: nn.Module):
+    """AdaLoRA's orthogonality penalty as peft's ``AdaLoraModel.forward`` adds it to a loss:
+
+        orth_reg_weight * mean_m ||M_m - I||_F,   M = A A^T (lora_A: r x in), B^T B (lora_B: out x r),
+
+    over every ``lora_A``/``lora_B`` of the trained adapter; None when there is none."""
+    import torch
+
+    base = model.base_model
+    name = base.trainable_adapter_name
+    weight = base.peft_config[name].orth_reg_weight
+    terms = []
+    for n, p in base.model.named_parameters():
+        if ("lora_A" in n or "lora_B" in n) and name in n and p.numel():
+            cov = p @ p.T if "lora_A" in n else p.T @ p
+            terms.append(torch.norm(cov - torch.eye(*cov.shape, dtype=cov.dtype, device=cov.device), p="fro"))
+    if not terms or not weight:
+        return None
+    return weight * torch.stack(terms).mean()
 
 
 def adalora_allocate(model: nn.Module, step: int) -> None:

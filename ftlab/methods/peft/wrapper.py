@@ -39,7 +39,10 @@ class PeftMethod:
       adapter is saved as the equivalent plain LoRA over the original weight;
     - ``model_state``: ``(get, set)`` for training state peft keeps in the model outside its
       parameters (AdaLoRA's importance scores and rank pattern), saved with the method state
-      so a resumed run continues exactly.
+      so a resumed run continues exactly;
+    - ``penalty(model)``: a penalty on the trained parameters that peft's forward adds to the
+      loss only when it is given labels, which ftlab's loss path does not give (AdaLoRA's
+      orthogonality penalty); :meth:`regularizer` hands it to the training step.
     """
 
     name: str
@@ -50,6 +53,7 @@ class PeftMethod:
     step_hook: Callable[[nn.Module, int], None] | None = None
     save_as_lora: bool = False
     model_state: tuple[Callable[[nn.Module], dict], Callable[[nn.Module, dict], None]] | None = None
+    penalty: Callable[[nn.Module], Any] | None = None
     _model: nn.Module | None = field(default=None, init=False, repr=False, compare=False)
 
     def config(self, total_steps: int):
@@ -143,6 +147,9 @@ class PeftMethod:
 
     def build_optimizer(self, model: nn.Module, lr: float, weight_decay: float):
         return None  # the configured optimizer over param_groups
+
+    def regularizer(self, model: nn.Module):
+        return self.penalty(model) if self.penalty is not None else None
 
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         if self.step_hook is not None:
