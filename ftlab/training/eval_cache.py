@@ -23,7 +23,10 @@ from ftlab.config import RunSettings
 from ftlab.io import read_json, write_json
 from ftlab.cachelock import cache_root
 
-FORMAT = 1
+FORMAT = 2
+# The code the scores come from: an entry written by other code is not reused.
+SCORING_CODE = ("training/evaluation.py", "training/module.py", "training/loss.py", "metrics/generation.py",
+                "data/collate.py", "data/encode.py", "data/formats.py", "data/templates.py", "models/loading.py")
 
 
 def cache_key(s: RunSettings, quantization: str) -> str:
@@ -31,15 +34,24 @@ def cache_key(s: RunSettings, quantization: str) -> str:
     data = dataclasses.asdict(s.data)
     data.pop("batch_size", None)      # training batches
     data.pop("num_workers", None)
-    parts = {"format": FORMAT, "ftlab": __version__, "model": dataclasses.asdict(s.model),
+    parts = {"format": FORMAT, "ftlab": __version__, "code": _code_digest(), "model": dataclasses.asdict(s.model),
              "quantization": quantization, "data": data, "eval": dataclasses.asdict(s.eval),
              "precision": str(s.hardware.precision), "accelerator": s.hardware.accelerator,
+             "loss": dataclasses.asdict(s.loss),
              "seed": s.seed,  # a randomly initialised base model is drawn from the run's seed
              "limit_val_batches": s.trainer.get("limit_val_batches", 1.0)}
     # The user's own weights and data files may change in place: their sizes and times count.
     parts["files"] = [_fingerprint(p) for p in (s.model.path, s.data.path, s.data.val_path) if p]
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _code_digest() -> str:
+    package = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for rel in SCORING_CODE:
+        digest.update((package / rel).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _fingerprint(path: str) -> list:
