@@ -27,7 +27,7 @@ import time
 import torch
 import yaml
 
-from ftlab.cli import config_dir
+from ftlab.settings import config_dir
 from ftlab.config import ModelSettings
 from ftlab.training.loss import loss_sum
 from ftlab.methods import build_method

@@ -17,7 +17,7 @@ from ftlab.config import OptimizerSettings, SchedulerSettings
 from ftlab.data.collate import Collator, PackedCollator
 from ftlab.training.loss import _chunkable_head, loss_sum
 from ftlab.methods import build_method
-from ftlab.module import FinetuneModule
+from ftlab.training.module import FinetuneModule
 from tests.methods.tiny import BERT, GPT2, LLAMA, build
 
 
@@ -253,7 +253,7 @@ def test_chunked_loss_equals_the_models_own_on_smollm2():
     tokens, chunks of 32 scored tokens: loss and LoRA gradients as transformers computes them."""
     import yaml
 
-    from ftlab.cli import config_dir
+    from ftlab.settings import config_dir
     from ftlab.config import ModelSettings
     from ftlab.models import load_model
 
