@@ -72,7 +72,7 @@ class Job:
     def key(self) -> tuple:
         """What the job ran, without its seed: the jobs of one configuration share it."""
         if self.overrides is not None:
-            return ("overrides",) + tuple(sorted(o for o in self.overrides if _name(o) != "seed"))
+            return ("overrides",) + tuple(sorted(without_seed(self.overrides)))
         return ("fields",) + tuple(f"{k}={self.metrics.get(k)}" for k in DESCRIPTIVE)
 
     def measured(self) -> dict[str, float]:
@@ -85,6 +85,12 @@ class Job:
 
 def _name(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
+
+
+def without_seed(overrides: list[str]) -> list[str]:
+    """The overrides as Hydra applies them (the last one of a key wins), without ``seed``."""
+    last = {_name(o): o for o in overrides}
+    return [o for o in overrides if last[_name(o)] is o and _name(o) != "seed"]
 
 
 def _override(overrides: list[str], key: str) -> str | None:
@@ -178,15 +184,18 @@ class Config:
 
 
 def grid_jobs(directory: Path) -> list[list[str]] | None:
-    """Every job's overrides that the sweep in ``directory`` asked for (its ``multirun.yaml``)."""
-    from ftlab.sweeps import expand_jobs
+    """Every job's overrides that the sweep in ``directory`` asked for (its ``multirun.yaml``),
+    expanded as Hydra's basic sweeper expands them (so they read like each job's own)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     task = _config_value(Path(directory) / "multirun.yaml", ("hydra", "overrides", "task"))
     if not isinstance(task, list):
         return None
     try:
-        return expand_jobs([str(o) for o in task])
-    except Exception:  # noqa: BLE001  a grid this version cannot expand: report what is there
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
+        return BasicSweeper.split_arguments(parsed, None)[0]
+    except Exception:  # noqa: BLE001  an Optuna search space, a grid this version cannot read
         return None
 
 
@@ -194,14 +203,14 @@ def group(jobs: list[Job], directory: Path | None = None) -> list[Config]:
     """The configurations of ``jobs`` in the order of their first job (module docstring)."""
     configs: dict[tuple, Config] = {}
     for job in jobs:
-        parts = [o for o in job.overrides if _name(o) != "seed"] if job.overrides is not None else list(job.key[1:])
+        parts = without_seed(job.overrides) if job.overrides is not None else list(job.key[1:])
         configs.setdefault(job.key, Config(job.key, parts)).jobs.append(job)
     seeds = sorted({j.seed for j in jobs if j.seed is not None})
     grid = grid_jobs(directory) if directory is not None else None
     if grid:
         for overrides in grid:
-            key = ("overrides",) + tuple(sorted(o for o in overrides if _name(o) != "seed"))
-            configs.setdefault(key, Config(key, [o for o in overrides if _name(o) != "seed"]))
+            key = ("overrides",) + tuple(sorted(without_seed(overrides)))
+            configs.setdefault(key, Config(key, without_seed(overrides)))
             seed = _override(overrides, "seed")
             if seed is not None and int(seed) not in configs[key].expected_seeds:
                 configs[key].expected_seeds.append(int(seed))
