@@ -4,7 +4,9 @@ This is the entry point that sees Hydra. Before Hydra starts (and before any wei
 it composes the config for every job the command asks for and validates it, so a typo or an
 impossible value ends in one line on stderr and exit status 2. It also settles the run
 directory up front, so an existing run is never overwritten. ``resume=...`` continues a run
-in its own directory instead (:mod:`ftlab.resume`).
+in its own directory instead (:mod:`ftlab.resume`). A sweep run again into its own directory
+(an explicit ``hydra.sweep.dir`` that holds Hydra's ``multirun.yaml``) continues: each job that
+completed there with the same resolved config returns its recorded objective without training.
 """
 
 from __future__ import annotations
@@ -118,7 +120,11 @@ def preflight(argv: list[str]) -> list[str]:
                 settings_from_config(cfg, str(cfg.hydra.sweep.dir))
                 _check_launcher(cfg)
         if multirun:
-            sweep_dir = _unused_dir(Path(first.hydra.sweep.dir), explicit=_has(overrides, "hydra.sweep.dir"))
+            sweep_dir = Path(first.hydra.sweep.dir)
+            if _has(overrides, "hydra.sweep.dir") and (sweep_dir / "multirun.yaml").is_file():
+                say(f"ftlab: continuing the sweep in {sweep_dir}: jobs already completed are skipped")
+            else:
+                sweep_dir = _unused_dir(sweep_dir, explicit=_has(overrides, "hydra.sweep.dir"))
             pinned = f"hydra.sweep.dir={sweep_dir}"
     GlobalHydra.instance().clear()
     rest = [a for a in overrides if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
@@ -177,6 +183,8 @@ def _task(cfg) -> float:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    if multirun and read_metrics(run_dir).get("status") == "completed":
+        return _completed_job(cfg, run_dir, hc.job.num)
     try:
         settings = settings_from_config(cfg, str(run_dir))
         config = resolved(cfg)
@@ -208,6 +216,27 @@ def _task(cfg) -> float:
         write_json(run_dir / "metrics.json", {"status": "failed", "error": f"{type(err).__name__}: {err}",
                                               "overrides": list(hc.overrides.task)})
     return math.nan
+
+
+def _completed_job(cfg, run_dir: Path, num: int) -> float:
+    """A job of a sweep run again (the same ``hydra.sweep.dir``) that completed before: its
+    recorded objective, without training, when its config.yaml is the one asked for now; a job
+    directory that holds another configuration is left as it is (the job is not run)."""
+    from omegaconf import OmegaConf
+
+    try:
+        wanted = OmegaConf.to_yaml(OmegaConf.create(resolved(cfg)))
+        recorded = (run_dir / "config.yaml").read_text()
+    except Exception as err:  # noqa: BLE001  a config that does not resolve, a missing file
+        wanted, recorded = None, first_line(err)
+    if wanted != recorded:
+        print(f"ftlab: job {num}: {run_dir} holds a completed job with another configuration; "
+              "left as it is and not run (use a new hydra.sweep.dir)", file=sys.stderr, flush=True)
+        return math.nan
+    metrics = read_metrics(run_dir)
+    say(f"ftlab: job {num} already completed in {run_dir}; skipped")
+    value = metrics.get(cfg.get("objective") or "val_loss")
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 # ---------------------------------------------------------------------------- resume=...

@@ -1,21 +1,30 @@
-"""Compare the jobs of a sweep: one table, and plots of loss curves and the Pareto front.
+"""Compare the jobs of a sweep: tables over seeds, a test against a baseline, and plots.
 
-    python -m ftlab.report multirun/2026-11-24/10-00-00
+    python -m ftlab.report multirun/methods/2026-11-24_10-00-00 [--baseline lora]
 
 For a directory of dry runs (``dry_run=true``, each with a ``plan.json``) it prints one table
 of the plans instead: trainable parameters, and memory per device without and with gradient
 checkpointing (GiB = 2^30 bytes).
 
-Otherwise it reads every ``metrics.json`` below the directory (one per job; no W&B needed) and writes, into
-that directory:
+Otherwise it reads every ``metrics.json`` below the directory (one per job; no W&B needed),
+groups the jobs that differ only in ``seed`` into configurations (:mod:`ftlab.compare`) and
+writes, into that directory:
 
-- ``report.csv`` and ``report.md`` (the Markdown table is also printed): one row per job with
-  method, r, alpha, precision/quantization, trainable parameters, final validation loss and
-  task metric, tokens/s, peak memory, wall time and status;
-- ``val_loss_curves.png``: validation loss against optimizer step for every completed job;
-- ``pareto.png``: task metric (exact match for instruction and chat data, accuracy for
-  classification; validation loss where the jobs share neither) against trainable parameters on
-  a log scale, with the Pareto front marked: the jobs no other job beats on both quality and size.
+- ``jobs.csv``: one row per job (method, r, alpha, lr, seed, precision/quantization, trainable
+  parameters, validation loss, task metric, tokens/s, peak memory, wall time, status, error);
+- ``report.csv``: one row per configuration: how many seeds completed of how many expected, and
+  for every numeric metric its mean, standard deviation, n and 95% confidence interval (Student
+  t, n-1 dof), the learning-rate selection, and the paired t-test against the baseline;
+- ``report.md``, also printed: with one seed per configuration, the job table; with several, the
+  configuration table (mean +- std [95% CI]) and a column comparing each with the baseline, where
+  ``n.s.`` marks a difference not significant at 5% (docs/statistics.md);
+- ``val_loss_curves.png``: validation loss against optimizer step (mean over seeds, CI bars);
+- ``pareto.png``: the task metric (exact match for instruction and chat data, accuracy for
+  classification; validation loss where the jobs share neither) against trainable parameters,
+  peak memory and wall time, with the Pareto front marked in each panel.
+
+Configurations that differ only in the learning rate (``optimizer.lr`` or ``lr_scale``) are one
+family: the table and plots show the rate with the lowest mean validation loss, report.csv all.
 """
 
 from __future__ import annotations
@@ -23,96 +32,37 @@ from __future__ import annotations
 import csv
 import json
 import sys
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from ftlab.compare import Config, baseline_config, collect, compare, group, task_metric
 from ftlab.console import CommandParser, quiet_third_party
 from ftlab.errors import UserError
+from ftlab.plots import label_lifts as _label_lifts, pareto_front, plot_curves, plot_pareto
+from ftlab.stats import ALPHA, Summary
 
-COLUMNS = ["job", "method", "r", "alpha", "lr", "precision", "quantization", "trainable_params",
+__all__ = ["collect", "pareto_front", "plot_curves", "plot_pareto", "report", "_label_lifts"]
+
+COLUMNS = ["job", "method", "r", "alpha", "lr", "seed", "precision", "quantization", "trainable_params",
            "val_loss", "val_exact_match", "val_answer_f1", "val_accuracy", "val_f1",
            "tokens_per_second", "peak_memory_mb", "wall_time_s", "status", "error"]
 # Shown in the printed table only when some job has them: the task metrics of generation data
 # (exact match, answer F1) and of classification data (accuracy, macro F1), and failures.
 OPTIONAL = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1", "error")
-# The task metric the Pareto plot puts against trainable parameters, in order of preference:
-# the first one every completed job has (all higher-is-better); else validation loss.
-TASK_METRICS = (("val_exact_match", "exact match"), ("val_accuracy", "accuracy"))
+# The metrics of the configuration table, in this order, where some job has them.
+SHOWN_METRICS = ["val_loss", "val_exact_match", "val_answer_f1", "val_accuracy", "val_f1",
+                 "tokens_per_second", "peak_memory_mb", "wall_time_s"]
+# The method every configuration is tested against when --baseline is not given (if present).
+DEFAULT_BASELINE = "lora"
+DESCRIBE = ["method", "r", "alpha", "lr", "precision", "quantization", "trainable_params"]
 PERCENT = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1")
-
-
-@dataclass
-class Job:
-    path: Path           # the job's directory, relative to the sweep directory
-    metrics: dict[str, Any]
-    root: Path = Path(".")  # the sweep directory
-
-    def row(self) -> dict[str, Any]:
-        m = self.metrics
-        row = {c: m.get(c) for c in COLUMNS}
-        row["job"] = str(self.path)
-        row["lr"] = self.lr
-        if m.get("status") == "failed" and not m.get("method"):
-            row["method"] = _override(m, "method")
-        return row
-
-    @cached_property  # read once: plot labels ask every job for it
-    def lr(self) -> float | None:
-        """The base learning rate: in metrics.json, or (runs before it was recorded there) in
-        the job's resolved config.yaml."""
-        if self.metrics.get("lr") is not None:
-            return self.metrics["lr"]
-        return _config_value(self.root / self.path / "config.yaml", ("optimizer", "lr"))
-
-
-def _config_value(path: Path, keys: tuple[str, ...]) -> Any:
-    import yaml
-
-    try:
-        node = yaml.safe_load(path.read_text())
-        for k in keys:
-            node = node[k]
-        return node
-    except (OSError, KeyError, TypeError, yaml.YAMLError):  # no value: an empty cell, not an error
-        return None
-
-
-def _override(metrics: dict[str, Any], key: str) -> str | None:
-    for o in metrics.get("overrides", []):
-        k, _, v = o.partition("=")
-        if k.lstrip("+~") == key:
-            return v
-    return None
-
-
-def collect(directory: Path) -> list[Job]:
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"{directory} is not a directory")
-    jobs = []
-    for path in sorted(directory.rglob("metrics.json"), key=lambda p: _natural(p.parent)):
-        try:
-            metrics = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err.msg}); was the job killed while writing?") from None
-        jobs.append(Job(path.parent.relative_to(directory), metrics, directory))
-    if not jobs:
-        raise UserError(f"no job results (metrics.json) under {directory}; "
-                        "point ftlab.report at a run or sweep directory")
-    return jobs
-
-
-def _natural(path: Path) -> list:
-    import re
-
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
 
 def _fmt(value: Any, column: str) -> str:
     if value is None:
         return ""
+    if isinstance(value, str):  # already formatted (a configuration table's cell)
+        return value
     if column in PERCENT:
         return f"{100 * value:.1f}%"
     if column == "trainable_params":
@@ -132,115 +82,6 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         cells = [_fmt(row.get(c), c).replace("|", "/").replace("\n", " ")[:80] for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def pareto_front(points: list[tuple[float, float]], higher_is_better: bool) -> list[int]:
-    """Indices of the points that no other point beats: fewer-or-equal parameters AND
-    better-or-equal quality, strictly better in at least one."""
-    front = []
-    for i, (x, y) in enumerate(points):
-        dominated = False
-        for j, (x2, y2) in enumerate(points):
-            if j == i:
-                continue
-            better_or_equal = (y2 >= y) if higher_is_better else (y2 <= y)
-            strictly = (y2 > y) if higher_is_better else (y2 < y)
-            if x2 <= x and better_or_equal and (x2 < x or strictly):
-                dominated = True
-                break
-        if not dominated:
-            front.append(i)
-    return front
-
-
-def _label(job: Job, jobs: list[Job]) -> str:
-    """The job's run name (method, rank, alpha, precision) without what all the jobs plotted
-    together share (their precision), with the learning rate where they do not share one."""
-    name = job.metrics.get("run_name") or str(job.path)
-    precisions = {j.metrics.get("precision") for j in jobs}
-    if len(precisions) == 1 and job.metrics.get("precision") and name.endswith(f"-{job.metrics['precision']}"):
-        name = name[: -len(job.metrics["precision"]) - 1]
-    if len({j.lr for j in jobs}) > 1 and job.lr is not None:
-        name += f" lr={float(job.lr):g}"
-    return name
-
-
-def plot_curves(jobs: list[Job], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    shown = [j for j in jobs if j.metrics.get("status") == "completed" and j.metrics.get("val_history")]
-    # 20 distinct colours, then the same colours dashed: a 17-method sweep has no repeated line.
-    colours, styles = plt.cm.tab20.colors, ("-", "--", ":")
-    for i, job in enumerate(shown):
-        history = job.metrics["val_history"]
-        ax.plot([h["step"] for h in history], [h["val_loss"] for h in history], marker="o",
-                markersize=3, color=colours[i % len(colours)], linestyle=styles[i // len(colours) % 3],
-                label=_label(job, shown))
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation loss")
-    ax.set_title("Validation loss")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-
-
-def _label_lifts(points: list[tuple[float, float]]) -> list[int]:
-    """How many lines to lower each point's label so that no two labels overlap: a label starts
-    at its point and runs about 0.8 decades of parameters to the right, one line is about 3% of
-    the score range; each label takes the first line, going down, that no earlier label holds."""
-    import math
-
-    ys = [y for _, y in points]
-    line = 0.033 * ((max(ys) - min(ys)) if ys else 0.0) or 1e-9
-    placed: list[tuple[float, float]] = []  # (log10 x, label y) of the labels placed so far
-    lifts = []
-    for x, y in points:
-        lx, lift = math.log10(max(x, 1)), 0
-        while any(-0.8 < lx - px < 0.8 and abs((y - lift * line) - py) < 0.9 * line for px, py in placed):
-            lift += 1
-        placed.append((lx, y - lift * line))
-        lifts.append(lift)
-    return lifts
-
-
-def plot_pareto(jobs: list[Job], out: Path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    done = [j for j in jobs if j.metrics.get("status") == "completed" and j.metrics.get("trainable_params")]
-    key, label = next(((k, name) for k, name in TASK_METRICS
-                       if done and all(j.metrics.get(k) is not None for j in done)),
-                      ("val_loss", "validation loss"))
-    points = [(float(j.metrics["trainable_params"]), float(j.metrics[key])) for j in done]
-    front = set(pareto_front(points, higher_is_better=key != "val_loss"))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, ((job, (x, y)), lift) in enumerate(zip(zip(done, points), _label_lifts(points))):
-        ax.scatter([x], [y], s=40, color="tab:red" if i in front else "tab:blue", zorder=3)
-        ax.annotate(_label(job, done), (x, y), fontsize=7,
-                    xytext=(4, 3 - 9 * lift), textcoords="offset points")
-    if front:
-        line = sorted(points[i] for i in front)
-        ax.plot([p[0] for p in line], [p[1] for p in line], color="tab:red", linestyle="--",
-                label="Pareto front", zorder=2)
-        ax.legend()
-    ax.set_xscale("log")
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel(label)
-    ax.set_title(f"{label} vs trainable parameters")
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return key
 
 
 GIB = 2**30
@@ -266,27 +107,145 @@ def plans_table(root: Path) -> str:
     return "\n".join(lines)
 
 
-def report(directory: Path, columns: list[str] | None = None) -> str:
+
+
+def job_row(job) -> dict[str, Any]:
+    m = job.metrics
+    row = {c: m.get(c) for c in COLUMNS}
+    row.update(job=str(job.path), lr=job.lr, seed=job.seed)
+    if m.get("status") == "failed" and not m.get("method"):
+        row["method"] = next((o.split("=", 1)[1] for o in m.get("overrides", [])
+                              if o.split("=", 1)[0].lstrip("+~") == "method"), None)
+    return row
+
+
+def _interval(s: Summary | None, column: str) -> str:
+    """``mean +- std [low, high]`` (the 95% t-interval); the mean alone for one seed."""
+    if s is None:
+        return ""
+    if s.std is None:
+        return _fmt(s.mean, column)
+    return f"{_fmt(s.mean, column)} ± {_fmt(s.std, column)} [{_fmt(s.low, column)}, {_fmt(s.high, column)}]"
+
+
+def _versus(comparisons, metric: str) -> dict[int, str]:
+    """``id(config) -> 'diff (p=..)'`` for the printed column, ``n.s.`` where p >= 5%."""
+    out = {}
+    for c in comparisons:
+        if c.metric != metric:
+            continue
+        t = c.test
+        diff = f"{100 * t.mean_difference:+.1f} pt" if metric in PERCENT else f"{t.mean_difference:+.4f}"
+        if t.p is None:
+            out[id(c.config)] = f"{diff} (no test: {t.pairs} pair)"
+        else:
+            out[id(c.config)] = f"{diff} (p={t.p:.3f}{', n.s.' if not t.significant(ALPHA) else ''})"
+    return out
+
+
+def _numeric_metrics(configs: list[Config]) -> list[str]:
+    found = {k for c in configs for j in c.done for k in j.measured()}
+    return [m for m in SHOWN_METRICS if m in found] + sorted(found - set(SHOWN_METRICS))
+
+
+def summary_rows(configs: list[Config], comparisons, baseline: Config | None) -> list[dict[str, Any]]:
+    """report.csv: one row per configuration (module docstring)."""
+    rows = []
+    metrics = _numeric_metrics(configs)
+    for c in configs:
+        row: dict[str, Any] = {"config": c.label, **{k: c.first(k) for k in DESCRIBE},
+                               "seeds": c.seeds_cell(), "n": len(c.done),
+                               "expected": max(len(c.expected_seeds), len(c.jobs)), "failed": c.failed,
+                               "missing_seeds": " ".join(map(str, c.missing)),
+                               "selected": "" if c.selected is None else c.selected}
+        for m in metrics:
+            s = c.summary(m)
+            row.update({f"{m}_mean": s and s.mean, f"{m}_std": s and s.std, f"{m}_n": s.n if s else 0,
+                        f"{m}_ci95_low": s and s.low, f"{m}_ci95_high": s and s.high})
+        row["baseline"] = baseline.label if baseline else ""
+        for comp in comparisons:
+            if comp.config is c:
+                t = comp.test
+                row.update({f"vs_baseline_{comp.metric}_diff": t.mean_difference,
+                            f"vs_baseline_{comp.metric}_pairs": t.pairs,
+                            f"vs_baseline_{comp.metric}_t": t.t, f"vs_baseline_{comp.metric}_p": t.p,
+                            f"vs_baseline_{comp.metric}_significant": t.significant(ALPHA)})
+        rows.append(row)
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: list[str]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in fields})
+
+
+def report(directory: Path, columns: list[str] | None = None, baseline: str | None = None) -> str:
     directory = Path(directory)
     if directory.is_dir() and not any(directory.rglob("metrics.json")) and any(directory.rglob("plan.json")):
         table = plans_table(directory)
         (directory / "plans.md").write_text(table + "\n")
         return table
     jobs = collect(directory)
-    rows = [j.row() for j in jobs]
-    columns = columns or [c for c in COLUMNS
-                          if c not in OPTIONAL or any(r.get(c) is not None and r.get(c) != "" for r in rows)]
-    if unknown := [c for c in columns if c not in COLUMNS]:
-        raise UserError(f"unknown column(s) {', '.join(unknown)}; columns: {', '.join(COLUMNS)}")
-    with open(directory / "report.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in COLUMNS})
-    table = markdown_table(rows, columns)
+    configs = group(jobs, directory)
+    key, name = task_metric(configs)
+    tested = ["val_loss"] + ([key] if key != "val_loss" else [])
+    methods = [c.first("method") for c in configs]
+    base_name = baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in methods else None)
+    base = baseline_config(configs, base_name) if base_name else None
+    if baseline and base is None:
+        raise UserError(f"--baseline {baseline}: no completed job of method {baseline!r}; "
+                        f"methods here: {', '.join(sorted({str(m) for m in methods}))}")
+    comparisons = compare(configs, base, tested) if base else []
+
+    rows = [job_row(j) for j in jobs]
+    _write_csv(directory / "jobs.csv", rows, COLUMNS)
+    summary = summary_rows(configs, comparisons, base)
+    fields = list(dict.fromkeys(k for r in summary for k in r))
+    _write_csv(directory / "report.csv", summary, fields)
+
+    several = any(len(c.jobs) > 1 for c in configs) or any(c.missing for c in configs)
+    notes = []
+    if not several:
+        allowed = COLUMNS
+        columns = columns or [c for c in COLUMNS if c not in OPTIONAL + ("seed",)
+                              or any(r.get(c) is not None and r.get(c) != "" for r in rows)]
+        table_rows = rows
+        if any(c.selected is not None for c in configs):
+            notes.append("learning rate selected per method by validation loss: see report.csv (one seed each)")
+        notes.append("one seed per configuration: no confidence intervals or significance tests "
+                     "(run the sweep with seeds=N)")
+    else:
+        shown = [c for c in configs if c.selected is not False]
+        metrics = [m for m in SHOWN_METRICS if any(c.summary(m) for c in configs)]
+        # One column per tested metric: "vs lora (val_loss)", "vs lora (val_exact_match)".
+        versus = {m: f"vs {base_name} ({m})" for m in tested} if base else {}
+        allowed = ["config", *DESCRIBE, "seeds", *metrics, *versus.values()]
+        columns = columns or [c for c in allowed if c not in DESCRIBE or c in ("method", "lr", "trainable_params")
+                              or len({str(cfg.first(c)) for cfg in shown}) > 1]  # what sets them apart
+        vs = {m: _versus(comparisons, m) for m in versus}
+        table_rows = []
+        for c in shown:
+            row = {"config": c.label, **{k: c.first(k) for k in DESCRIBE}, "seeds": c.seeds_cell()}
+            row.update({m: _interval(c.summary(m), m) for m in metrics})
+            for m, column in versus.items():
+                row[column] = "baseline" if c is base else vs[m].get(id(c), "")
+            table_rows.append(row)
+        notes.append("cells: mean ± std [95% confidence interval of the mean, Student t with n-1 dof] over "
+                     "the completed seeds; seeds: completed/expected (failed and missing ones are left out)")
+        if base:
+            notes.append(f"vs {base_name}: mean paired difference from {base.label} (same seeds), "
+                         f"paired t-test, two-sided; n.s. = not significant at {ALPHA:.0%}")
+        if any(c.selected is not None for c in configs):
+            notes.append("learning rate selected per method by mean validation loss; every rate is in report.csv")
+    if unknown := [c for c in columns if c not in allowed]:
+        raise UserError(f"unknown column(s) {', '.join(unknown)}; columns: {', '.join(allowed)}")
+    table = markdown_table(table_rows, columns) + "\n\n" + "\n".join(f"- {n}" for n in notes)
     (directory / "report.md").write_text(table + "\n")
-    plot_curves(jobs, directory / "val_loss_curves.png")
-    plot_pareto(jobs, directory / "pareto.png")
+    plot_curves(configs, directory / "val_loss_curves.png")
+    plot_pareto(configs, directory / "pareto.png")
     return table
 
 
@@ -296,16 +255,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("directory", type=Path, help="a sweep (multirun) or run directory")
     parser.add_argument("--columns", help=f"comma-separated columns of the printed table (default: all "
                                           f"that apply); any of {', '.join(COLUMNS)}")
+    parser.add_argument("--baseline", help="the method every other configuration is tested against "
+                                            "(paired t-test over seeds; default: lora when present)")
     args = parser.parse_args(argv)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     try:
-        table = report(args.directory, columns)
+        table = report(args.directory, columns, args.baseline)
     except UserError as err:
         print(f"ftlab.report: error: {err}", file=sys.stderr)
         sys.exit(2)
     print(table)
     if (args.directory / "report.csv").is_file():
-        print(f"\nwrote {args.directory / 'report.csv'}, report.md, val_loss_curves.png, pareto.png")
+        print(f"\nwrote {args.directory / 'report.csv'}, jobs.csv, report.md, val_loss_curves.png, pareto.png")
 
 
 if __name__ == "__main__":

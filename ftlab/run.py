@@ -127,7 +127,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     clock.lap("load")
     eval_records = data.val_records[: s.eval.max_examples]
     result: dict[str, Any] = {"status": "running", "method": s.method["name"], "model": s.model.name,
-                              "data": s.data.name, "run_name": label,
+                              "data": s.data.name, "run_name": label, "seed": s.seed,
                               "r": s.method.get("r"), "alpha": s.method.get("alpha"),
                               "lr": s.optimizer.lr, "precision": str(s.hardware.precision),
                               "world_size": trainer.world_size,

@@ -74,7 +74,7 @@ def settings_from_config(cfg, run_dir: str) -> RunSettings:
         method=dict(c["method"]),
         model=build(ModelSettings, c["model"], "model"),
         data=build(DataSettings, c["data"], "data"),
-        optimizer=OptimizerSettings(factory=factory, lr=optimizer_cfg.get("lr"),
+        optimizer=OptimizerSettings(factory=factory, lr=_scaled(optimizer_cfg.get("lr"), c.get("lr_scale")),
                                     weight_decay=optimizer_cfg.get("weight_decay", 0.0)),
         scheduler=build(SchedulerSettings, c["scheduler"], "scheduler"),
         hardware=build(HardwareSettings, c["hardware"], "hardware"),
@@ -108,6 +108,15 @@ def _fill_auto_model(cfg) -> None:
         for key, value in filled.items():
             if cfg.model.get(key) != value:
                 cfg.model[key] = value
+
+
+def _scaled(lr: float | None, scale: float | None) -> float | None:
+    """The learning rate times ``lr_scale`` (conf/train.yaml), which must be positive."""
+    if scale is None or scale == 1 or lr is None:
+        return lr
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0:
+        raise ConfigError(f"lr_scale must be a positive number, got {scale!r}")
+    return float(lr) * float(scale)
 
 
 def explain_optimizer_error(target: str | None, err: Exception) -> str:

@@ -6,6 +6,13 @@ A sweep file holds ``params`` (one job per combination, Hydra sweep syntax, or a
 search space with ``sweeper: optuna``) and ``overrides`` (fixed for every job); ``method: all``
 stands for every registered method. Overrides typed on the command line win over both, so any
 sweep can be pointed at another model or data: ``python -m ftlab sweep=methods model=tiny-llama``.
+
+``seeds=N`` (on the command line, or ``seeds: N`` in a sweep file; the command line wins) runs
+every configuration of the grid with N seeds: it adds the axis ``seed=b,b+1,...,b+N-1``, where
+b is the ``seed`` typed on the command line or, without one, the config's (42). The run's
+``seed`` sets the adapter initialisation, the training data order and dropout; the data split is
+set by ``data.seed`` alone and stays the same for every seed. ``python -m ftlab.report`` groups the
+jobs that differ only in ``seed`` (mean, spread, confidence interval: docs/statistics.md).
 """
 
 from __future__ import annotations
@@ -13,8 +20,7 @@ from __future__ import annotations
 import itertools
 
 from ftlab.errors import ConfigError, did_you_mean
-from ftlab.methods import available as registered_methods
-from ftlab.settings import first_line, sweeps_dir
+from ftlab.settings import config_dir, first_line, sweeps_dir
 
 MAX_PREFLIGHT_JOBS = 512
 
@@ -23,9 +29,10 @@ def expand_sweep(argv: list[str]) -> list[str]:
     """``sweep=NAME`` -> the multirun that ``sweeps/NAME.yaml`` defines (module docstring)."""
     import yaml
 
+    argv, seeds = _take(argv, "seeds")
     chosen = [a for a in argv if a.split("=", 1)[0] in ("sweep", "+sweep")]
     if not chosen:
-        return argv
+        return _with_seeds(argv, seeds)
     name = chosen[-1].split("=", 1)[1]
     available = sorted(p.stem for p in sweeps_dir().glob("*.yaml"))
     path = sweeps_dir() / f"{name}.yaml"
@@ -44,6 +51,8 @@ def expand_sweep(argv: list[str]) -> list[str]:
                      f"hydra.sweeper.sampler.seed={spec.get('seed', 0)}"]
     for key, value in {**spec.get("overrides", {}), **spec.get("params", {})}.items():
         if key == "method" and value == "all":
+            from ftlab.methods import available as registered_methods  # (reading a report needs no torch)
+
             value = ",".join(registered_methods())  # the registry is the one list of methods
         if key not in typed:
             expanded.append(f"{key}={_override_value(value)}")
@@ -51,7 +60,42 @@ def expand_sweep(argv: list[str]) -> list[str]:
     if "hydra.sweep.dir" not in typed:
         expanded.append(f"hydra.sweep.dir=multirun/{name}/${{now:%Y-%m-%d_%H-%M-%S}}")
     multirun = [] if {"-m", "--multirun"} & set(rest) else ["-m"]
-    return multirun + expanded + rest
+    if seeds is None and spec.get("seeds") is not None:
+        seeds = str(spec["seeds"])
+    if seeds is not None and spec.get("sweeper") == "optuna":
+        raise ConfigError(f"seeds= repeats every job of a grid; sweep {name!r} is an Optuna search "
+                          "(give seed=... per search instead)")
+    return _with_seeds(multirun + expanded + rest, seeds)
+
+
+def _take(argv: list[str], key: str) -> tuple[list[str], str | None]:
+    """``argv`` without ``key=VALUE`` (the last one given wins), and that value."""
+    found = [a for a in argv if a.split("=", 1)[0].lstrip("+") == key and "=" in a]
+    return [a for a in argv if a not in found], (found[-1].split("=", 1)[1] if found else None)
+
+
+def _with_seeds(argv: list[str], seeds: str | None) -> list[str]:
+    """``argv`` with the axis ``seed=b,...,b+N-1`` for ``seeds=N`` (module docstring)."""
+    if seeds is None:
+        return argv
+    try:
+        n = int(seeds)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"seeds must be a positive integer (the number of seeds per job), got {seeds!r}")
+    rest, base = _take(argv, "seed")
+    if base is None:
+        import yaml
+
+        base = str((yaml.safe_load((config_dir() / "train.yaml").read_text()) or {}).get("seed", 0))
+    try:
+        b = int(base)
+    except ValueError:
+        raise ConfigError(f"seeds={n} counts up from one integer seed; got seed={base} "
+                          "(give either seeds=N or a list of seeds)") from None
+    multirun = [] if n == 1 or {"-m", "--multirun"} & set(rest) else ["-m"]
+    return multirun + rest + [f"seed={','.join(str(b + i) for i in range(n))}"]
 
 
 def _override_value(value) -> str:

@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from ftlab.settings import config_dir, settings_from_config
-from ftlab.methods import build_method
+from ftlab.methods import method_from_spec
 from ftlab.models import meta_model
 
 CONF = config_dir()
@@ -80,9 +80,35 @@ def test_every_model_builds_on_the_meta_device(model, tmp_path):
 @pytest.mark.parametrize("method", options("method"))
 def test_every_method_builds_and_applies_to_tiny_llama(method, tmp_path):
     settings = settings_from_config(compose_with(f"method={method}", "model=tiny-llama"), str(tmp_path))
-    params = {k: v for k, v in settings.method.items() if k != "name"}
-    built = build_method(settings.method["name"], **params)
+    built = method_from_spec(settings.method)  # as a run builds it (method.lr is the optimizer's)
     built.check(meta_model(settings.model))
+
+
+@pytest.mark.parametrize("method", options("method"))
+def test_each_method_brings_its_learning_rate_unless_optimizer_lr_is_set(method, tmp_path):
+    from omegaconf import OmegaConf
+
+    own = float(OmegaConf.load(CONF / "method" / f"{method}.yaml")["lr"])
+    assert 1e-6 <= own <= 1e-1
+
+    def lr(*overrides: str) -> float:
+        return settings_from_config(compose_with(f"method={method}", *overrides), str(tmp_path)).optimizer.lr
+
+    assert lr() == own
+    assert lr("optimizer=adamw8bit") == own
+    assert lr("optimizer.lr=2e-3") == 2e-3
+    assert lr("lr_scale=3") == pytest.approx(3 * own)
+    assert lr("optimizer.lr=2e-3", "lr_scale=0.5") == pytest.approx(1e-3)
+    assert lr("optimizer=sgd") == 1e-2  # SGD keeps its own rate (Adam-scale rates do not suit it)
+
+
+def test_a_method_config_without_lr_falls_back_and_lr_scale_is_checked(tmp_path):
+    from ftlab.errors import ConfigError
+
+    cfg = compose_with("method=lora", "~method.lr")
+    assert settings_from_config(cfg, str(tmp_path)).optimizer.lr == 1e-3  # conf/optimizer/adamw.yaml
+    with pytest.raises(ConfigError, match="lr_scale must be a positive number"):
+        settings_from_config(compose_with("lr_scale=0"), str(tmp_path))
 
 
 def test_help_lists_every_group_option():

@@ -40,7 +40,7 @@ def test_report_rows_match_the_jobs_metrics(sweep):
     assert proc.returncode == 0, proc.stderr
     table = [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
     assert len(table) == 1 + 3  # header + one row per job
-    with open(sweep_dir / "report.csv") as fh:
+    with open(sweep_dir / "jobs.csv") as fh:
         rows = list(csv.DictReader(fh))
     by_job = {r["job"]: r for r in rows}
     for path in sweep_dir.glob("*/metrics.json"):
@@ -171,3 +171,100 @@ def test_wandb_falls_back_to_offline_and_never_writes_the_key(tmp_path):
     for path in run_dir.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_seeds_adds_a_seed_axis_to_the_grid():
+    from ftlab.errors import ConfigError
+    from ftlab.sweeps import expand_sweep
+
+    argv = expand_sweep(["sweep=ranks", "seeds=3", "hydra.sweep.dir=x"])
+    assert argv[0] == "-m" and argv[-1] == "seed=42,43,44" and "seeds=3" not in argv  # conf/train.yaml: 42
+    assert expand_sweep(["-m", "method=lora,ia3", "seed=7", "seeds=2"]) == ["-m", "method=lora,ia3", "seed=7,8"]
+    assert expand_sweep(["method=lora", "seeds=2"]) == ["-m", "method=lora", "seed=42,43"]
+    assert expand_sweep(["method=lora", "seeds=1"]) == ["method=lora", "seed=42"]
+    for bad, needle in ((["seeds=0"], "positive integer"), (["seeds=2", "seed=1,2"], "seeds=N or a list"),
+                        (["sweep=lr_search", "seeds=2"], "Optuna")):
+        with pytest.raises(ConfigError, match=needle):
+            expand_sweep(bad)
+
+
+@pytest.fixture(scope="module")
+def seeded_sweep(tmp_path_factory) -> tuple[Path, list[str]]:
+    """Two methods x seeds=2 on the tiny model (4 jobs), by the real CLI."""
+    sweep_dir = tmp_path_factory.mktemp("seeded") / "grid"
+    args = ["-m", *TINY, "trainer.max_steps=2", "method=lora,ia3", "seeds=2", f"hydra.sweep.dir={sweep_dir}"]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return sweep_dir, args
+
+
+def test_seeds_change_the_run_not_the_split_and_the_report_groups_them(seeded_sweep):
+    sweep_dir, _ = seeded_sweep
+    jobs = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
+    assert [(j["method"], j["seed"]) for j in jobs] == [("lora", 42), ("lora", 43), ("ia3", 42), ("ia3", 43)]
+    for a, b in (jobs[:2], jobs[2:]):
+        assert a["data_stats"] == b["data_stats"]  # data.seed fixes the split: the same examples
+        assert a["val_loss"] != b["val_loss"]      # seed changes init, order and dropout
+    proc = run_cli(str(sweep_dir), module="ftlab.report")
+    assert proc.returncode == 0, proc.stderr
+    with open(sweep_dir / "report.csv") as fh:
+        table = list(csv.DictReader(fh))
+    rows = {r["method"]: r for r in table}
+    assert len(table) == 2  # one row per configuration, no phantom cells from the grid
+    lora = [j["val_loss"] for j in jobs[:2]]
+    assert rows["lora"]["n"] == "2" and rows["lora"]["seeds"] == "2/2"
+    assert float(rows["lora"]["val_loss_mean"]) == pytest.approx(sum(lora) / 2)
+    assert float(rows["lora"]["val_loss_std"]) == pytest.approx(abs(lora[0] - lora[1]) / 2 ** 0.5)
+    assert rows["ia3"]["vs_baseline_val_loss_pairs"] == "2" and rows["ia3"]["baseline"] == "method=lora"
+    assert "| method=ia3 |" in proc.stdout and "| baseline |" in proc.stdout
+
+
+def test_running_the_same_sweep_again_skips_completed_jobs(seeded_sweep):
+    sweep_dir, args = seeded_sweep
+    before = {p: p.read_text() for p in sweep_dir.glob("*/metrics.json")}
+    interrupted = sweep_dir / "3_ia3" / "metrics.json"
+    record = json.loads(interrupted.read_text())
+    interrupted.write_text(json.dumps({**record, "status": "running"}))  # as if killed mid-run
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert "continuing the sweep" in out and out.count("already completed in") == 3
+    for path, text in before.items():
+        if path != interrupted:
+            assert path.read_text() == text  # untouched
+    again = json.loads(interrupted.read_text())
+    assert again["status"] == "completed" and again["seed"] == 43 and again["method"] == "ia3"
+    # A job directory that holds another configuration is left alone.
+    changed = run_cli(*[a.replace("eval.max_examples=4", "eval.max_examples=3") for a in args])
+    assert changed.returncode == 0
+    assert (changed.stdout + changed.stderr).count("holds a completed job with another configuration") == 4
+    assert json.loads(interrupted.read_text()) == again
+
+
+def test_lr_per_method_sweep_searches_around_each_default_and_the_report_selects(tmp_path):
+    """sweeps/lr_per_method.yaml on two methods: each at default/3, default and 3x default
+    (conf/method/*.yaml lr), and the report shows one selected rate per method."""
+    from omegaconf import OmegaConf
+
+    from ftlab.settings import config_dir
+
+    sweep_dir = tmp_path / "lr"
+    proc = run_cli("sweep=lr_per_method", *TINY, "trainer.max_steps=1", "trainer.val_check_interval=1",
+                   "eval.generate=false", "method=lora,vera", f"hydra.sweep.dir={sweep_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lrs: dict[str, list[float]] = {}
+    for path in sorted(sweep_dir.glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        lrs.setdefault(m["method"], []).append(m["lr"])
+    for method, got in lrs.items():
+        own = float(OmegaConf.load(config_dir() / "method" / f"{method}.yaml")["lr"])
+        assert got == pytest.approx([own / 3, own, 3 * own], rel=1e-9), method
+    proc = run_cli(str(sweep_dir), module="ftlab.report")
+    assert proc.returncode == 0, proc.stderr
+    with open(sweep_dir / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for method in ("lora", "vera"):
+        mine = [r for r in rows if r["method"] == method]
+        best = min(mine, key=lambda r: float(r["val_loss_mean"]))
+        assert [r["selected"] for r in mine].count("True") == 1 and best["selected"] == "True"
+    assert "learning rate selected per method" in proc.stdout

@@ -63,8 +63,9 @@ def build_method(name: str, **params: Any) -> Method:
 
 
 def method_from_spec(spec: dict[str, Any]) -> Method:
-    """Build a method from a run's ``method`` settings (``{"name": ..., **params}``)."""
-    return build_method(spec["name"], **{k: v for k, v in spec.items() if k != "name"})
+    """Build a method from a run's ``method`` settings (``{"name": ..., **params}``); ``lr``, the
+    method's default learning rate, is read by the optimizer config, not by the method."""
+    return build_method(spec["name"], **{k: v for k, v in spec.items() if k not in ("name", "lr")})
 
 
 def import_plugins(modules: list[str]) -> None:

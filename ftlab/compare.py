@@ -1,0 +1,292 @@
+"""The jobs of a sweep, grouped for comparison: read every ``metrics.json``, group the jobs that
+differ only in ``seed`` into one configuration, summarise each numeric metric over the seeds,
+pick a learning rate per method, and test each configuration against a baseline.
+
+- A job's identity is its Hydra overrides (``.hydra/overrides.yaml``, or ``overrides`` in a failed
+  job's metrics.json); without them (runs from several commands), its method, model, data, rank,
+  alpha, learning rate, precision and quantization.
+- A configuration's expected seeds are every seed the sweep ran (or, from the sweep's
+  ``multirun.yaml``, every seed and every grid cell it asked for): a seed with no completed job is
+  missing or failed, and left out of the aggregates.
+- Learning-rate selection: configurations that differ only in the learning rate
+  (``optimizer.lr``, ``lr_scale``) form one family; the one with the lowest mean validation loss
+  is selected and the others are marked as not selected.
+- Baseline: each configuration against the baseline's, by a paired t-test over the seeds both
+  completed (:func:`ftlab.stats.paired_t_test`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from ftlab.errors import UserError
+from ftlab.stats import PairedTest, Summary, paired_t_test, summarize
+
+LR_KEYS = ("optimizer.lr", "lr_scale")
+# What identifies a job whose overrides are unknown.
+DESCRIPTIVE = ("method", "model", "data", "r", "alpha", "lr", "precision", "quantization")
+# Numbers in metrics.json that describe a configuration rather than measure a run.
+NOT_MEASURED = {"seed", "r", "alpha", "lr", "trainable_params", "total_params", "world_size",
+                "train_examples", "val_examples", "resumed_at_step"}
+
+
+@dataclass
+class Job:
+    path: Path           # the job's directory, relative to the sweep directory
+    metrics: dict[str, Any]
+    root: Path = Path(".")  # the sweep directory
+
+    @property
+    def completed(self) -> bool:
+        return self.metrics.get("status") == "completed"
+
+    @cached_property  # read once: plot labels ask every job for it
+    def lr(self) -> float | None:
+        """The base learning rate: in metrics.json, or (runs before it was recorded there) in
+        the job's resolved config.yaml."""
+        if self.metrics.get("lr") is not None:
+            return self.metrics["lr"]
+        return _config_value(self.root / self.path / "config.yaml", ("optimizer", "lr"))
+
+    @cached_property
+    def overrides(self) -> list[str] | None:
+        if self.metrics.get("overrides") is not None:
+            return list(self.metrics["overrides"])
+        value = _config_value(self.root / self.path / ".hydra" / "overrides.yaml", ())
+        return list(value) if isinstance(value, list) else None
+
+    @cached_property
+    def seed(self) -> int | None:
+        for value in (self.metrics.get("seed"), _override(self.overrides or [], "seed"),
+                      _config_value(self.root / self.path / "config.yaml", ("seed",))):
+            if value is not None:
+                return int(value)
+        return None
+
+    @cached_property
+    def key(self) -> tuple:
+        """What the job ran, without its seed: the jobs of one configuration share it."""
+        if self.overrides is not None:
+            return ("overrides",) + tuple(sorted(without_seed(self.overrides)))
+        return ("fields",) + tuple(f"{k}={self.metrics.get(k)}" for k in DESCRIPTIVE)
+
+    def measured(self) -> dict[str, float]:
+        """The numeric metrics of a completed job (none for any other)."""
+        if not self.completed:
+            return {}
+        return {k: float(v) for k, v in self.metrics.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in NOT_MEASURED}
+
+
+def _name(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def without_seed(overrides: list[str]) -> list[str]:
+    """The overrides as Hydra applies them (the last one of a key wins), without ``seed``."""
+    last = {_name(o): o for o in overrides}
+    return [o for o in overrides if last[_name(o)] is o and _name(o) != "seed"]
+
+
+def _override(overrides: list[str], key: str) -> str | None:
+    for o in overrides:
+        if _name(o) == key:
+            return o.split("=", 1)[1] if "=" in o else None
+    return None
+
+
+def _config_value(path: Path, keys: tuple[str, ...]) -> Any:
+    import yaml
+
+    try:
+        node = yaml.safe_load(path.read_text())
+        for k in keys:
+            node = node[k]
+        return node
+    except (OSError, KeyError, TypeError, yaml.YAMLError):  # no value: an empty cell, not an error
+        return None
+
+
+def natural(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def collect(directory: Path) -> list[Job]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a directory")
+    jobs = []
+    for path in sorted(directory.rglob("metrics.json"), key=lambda p: natural(p.parent)):
+        try:
+            metrics = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} is not valid JSON ({err.msg}); was the job killed while writing?") from None
+        jobs.append(Job(path.parent.relative_to(directory), metrics, directory))
+    if not jobs:
+        raise UserError(f"no job results (metrics.json) under {directory}; "
+                        "point ftlab.report at a run or sweep directory")
+    return jobs
+
+
+@dataclass
+class Config:
+    """The jobs of one configuration (one per seed) and the seeds it should have."""
+
+    key: tuple
+    parts: list[str] = field(default_factory=list)  # its overrides, without the seed, in order
+    jobs: list[Job] = field(default_factory=list)
+    expected_seeds: list[int] = field(default_factory=list)
+    label: str = ""
+    selected: bool | None = None  # learning-rate selection: None when there was none to make
+    family: tuple = ()
+
+    @property
+    def done(self) -> list[Job]:
+        return [j for j in self.jobs if j.completed]
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for j in self.jobs if j.metrics.get("status") == "failed")
+
+    @property
+    def missing(self) -> list[int]:
+        ran = {j.seed for j in self.jobs}
+        return [s for s in self.expected_seeds if s not in ran]
+
+    def first(self, key: str) -> Any:
+        """A descriptive value (method, r, lr, ...) from its first job that has it."""
+        for j in self.done + self.jobs:
+            value = j.lr if key == "lr" else j.metrics.get(key)
+            if value is not None:
+                return value
+        return _override(list(self.key[1:]), key) if self.key[0] == "overrides" else None
+
+    def values(self, metric: str) -> dict[int | None, float]:
+        return {j.seed: j.measured()[metric] for j in self.done if metric in j.measured()}
+
+    def summary(self, metric: str) -> Summary | None:
+        values = list(self.values(metric).values())
+        return summarize(values) if values else None
+
+    def seeds_cell(self) -> str:
+        """``completed/expected``, with what happened to the rest."""
+        expected = max(len(self.expected_seeds), len(self.jobs))
+        notes = [f"{self.failed} failed"] if self.failed else []
+        running = len(self.jobs) - len(self.done) - self.failed
+        notes += [f"{running} unfinished"] if running else []
+        notes += [f"missing seed {', '.join(map(str, self.missing))}"] if self.missing else []
+        return f"{len(self.done)}/{expected}" + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def grid_jobs(directory: Path) -> list[list[str]] | None:
+    """Every job's overrides that the sweep in ``directory`` asked for (its ``multirun.yaml``),
+    expanded as Hydra's basic sweeper expands them (so they read like each job's own)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = _config_value(Path(directory) / "multirun.yaml", ("hydra", "overrides", "task"))
+    if not isinstance(task, list):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in task])
+        return BasicSweeper.split_arguments(parsed, None)[0]
+    except Exception:  # noqa: BLE001  an Optuna search space, a grid this version cannot read
+        return None
+
+
+def group(jobs: list[Job], directory: Path | None = None) -> list[Config]:
+    """The configurations of ``jobs`` in the order of their first job (module docstring)."""
+    configs: dict[tuple, Config] = {}
+    for job in jobs:
+        parts = without_seed(job.overrides) if job.overrides is not None else list(job.key[1:])
+        configs.setdefault(job.key, Config(job.key, parts)).jobs.append(job)
+    seeds = sorted({j.seed for j in jobs if j.seed is not None})
+    grid = grid_jobs(directory) if directory is not None else None
+    if grid:
+        for overrides in grid:
+            key = ("overrides",) + tuple(sorted(without_seed(overrides)))
+            configs.setdefault(key, Config(key, without_seed(overrides)))
+            seed = _override(overrides, "seed")
+            if seed is not None and int(seed) not in configs[key].expected_seeds:
+                configs[key].expected_seeds.append(int(seed))
+    for config in configs.values():
+        if not config.expected_seeds:
+            config.expected_seeds = list(seeds) if len(seeds) > 1 else []
+    result = list(configs.values())
+    _label(result)
+    _select_lr(result)
+    return result
+
+
+def _label(configs: list[Config]) -> None:
+    """Each configuration's label: the overrides that set it apart from the others."""
+    shared = set.intersection(*(set(c.key[1:]) for c in configs)) if configs else set()
+    for c in configs:
+        parts = [p for p in c.parts if p not in shared]
+        if c.key[0] == "fields":
+            parts = [p for p in parts if not p.endswith("=None")]
+        c.label = " ".join(parts) or (c.first("run_name") or str(c.jobs[0].path) if c.jobs else "")
+
+
+def _select_lr(configs: list[Config]) -> None:
+    """In each family with more than one learning rate, select the lowest mean val_loss."""
+    families: dict[tuple, list[Config]] = {}
+    for c in configs:
+        if c.key[0] == "overrides":
+            c.family = ("overrides",) + tuple(p for p in c.key[1:] if _name(p) not in LR_KEYS)
+        else:
+            c.family = tuple(p for p in c.key if not p.startswith("lr="))
+        families.setdefault(c.family, []).append(c)
+    for members in families.values():
+        if len({c.first("lr") for c in members}) < 2:
+            continue
+        scored = [(s.mean, i) for i, c in enumerate(members) if (s := c.summary("val_loss")) is not None]
+        best = min(scored)[1] if scored else None
+        for i, c in enumerate(members):
+            c.selected = i == best
+
+
+def task_metric(configs: list[Config]) -> tuple[str, str]:
+    """The metric the comparison is about: exact match, accuracy, else validation loss
+    (``(key, readable name)``), the first that every completed job has."""
+    done = [j for c in configs for j in c.done]
+    for key, name in (("val_exact_match", "exact match"), ("val_accuracy", "accuracy")):
+        if done and all(j.metrics.get(key) is not None for j in done):
+            return key, name
+    return "val_loss", "validation loss"
+
+
+@dataclass
+class Comparison:
+    config: Config
+    metric: str
+    test: PairedTest
+
+
+def baseline_config(configs: list[Config], name: str) -> Config | None:
+    """The configuration of method ``name`` to compare against: among several (a rank grid, or
+    learning rates), the selected one, else the lowest mean validation loss."""
+    candidates = [c for c in configs if c.first("method") == name and c.done and c.selected is not False]
+    if not candidates:
+        return None
+    return min(candidates, key=lambda c: (c.summary("val_loss").mean if c.summary("val_loss") else float("inf")))
+
+
+def compare(configs: list[Config], baseline: Config, metrics: list[str]) -> list[Comparison]:
+    """A paired t-test of every other configuration against ``baseline`` for each metric,
+    over the seeds both completed."""
+    out = []
+    for c in configs:
+        if c is baseline:
+            continue
+        for metric in metrics:
+            a, b = c.values(metric), baseline.values(metric)
+            common = sorted(s for s in a if s in b and s is not None)
+            if common:
+                out.append(Comparison(c, metric, paired_t_test([a[s] for s in common], [b[s] for s in common])))
+    return out
