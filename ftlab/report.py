@@ -45,17 +45,18 @@ __all__ = ["collect", "pareto_front", "plot_curves", "plot_pareto", "report", "_
 
 COLUMNS = ["job", "method", "r", "alpha", "lr", "seed", "precision", "quantization", "trainable_params",
            "val_loss", "val_exact_match", "val_answer_f1", "val_accuracy", "val_f1",
-           "tokens_per_second", "peak_memory_mb", "wall_time_s", "status", "error"]
+           "tokens_per_second", "peak_memory_mb", "wall_time_s", "outside_training_share", "status", "error"]
 # Shown in the printed table only when some job has them: the task metrics of generation data
-# (exact match, answer F1) and of classification data (accuracy, macro F1), and failures.
-OPTIONAL = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1", "error")
+# (exact match, answer F1) and of classification data (accuracy, macro F1), the share of a job's
+# wall time spent outside training (start-up, loading, evaluation, saving), and failures.
+OPTIONAL = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1", "outside_training_share", "error")
 # The metrics of the configuration table, in this order, where some job has them.
 SHOWN_METRICS = ["val_loss", "val_exact_match", "val_answer_f1", "val_accuracy", "val_f1",
-                 "tokens_per_second", "peak_memory_mb", "wall_time_s"]
+                 "tokens_per_second", "peak_memory_mb", "wall_time_s", "outside_training_share"]
 # The method every configuration is tested against when --baseline is not given (if present).
 DEFAULT_BASELINE = "lora"
 DESCRIBE = ["method", "r", "alpha", "lr", "precision", "quantization", "trainable_params"]
-PERCENT = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1")
+PERCENT = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1", "outside_training_share")
 
 
 def _fmt(value: Any, column: str) -> str:
