@@ -46,7 +46,7 @@ def test_every_builder_default_is_its_config_value():
         config = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
         defaults = inspect.signature(builder).parameters
         for key, value in config.items():
-            if key == "name" or (isinstance(value, str) and "${" in value):
+            if key in ("name", "lr") or (isinstance(value, str) and "${" in value):
                 continue  # interpolations (the model's target_modules) have no Python counterpart
             default = defaults[key].default
             assert (list(default) if isinstance(default, tuple) else default) == value, (name, key)

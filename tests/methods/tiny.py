@@ -116,6 +116,7 @@ def method_kwargs(name: str, *, family: Family | None = None, **overrides: Any) 
     cfg = OmegaConf.merge({"model": {"target_modules": targets}}, {"method": OmegaConf.load(CONF / f"{name}.yaml")})
     kwargs = OmegaConf.to_container(cfg, resolve=True)["method"]
     kwargs.pop("name")
+    kwargs.pop("lr", None)  # the method's default learning rate is the optimizer's, as in a run
     kwargs.update(overrides)
     return kwargs
 
