@@ -137,15 +137,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    from ftlab.methods import build_method
+    from ftlab.methods import method_from_spec
     from ftlab.models import load_model
 
     settings = compose_settings(args.model, args.batch_size, args.max_length)
     log(f"loading {args.model} ...")
     model, tokenizer = load_model(settings.model, seed=settings.seed)
-    params = {k: v for k, v in settings.method.items() if k != "name"}
     torch.manual_seed(settings.seed)
-    model = build_method("lora", **params).apply(model, total_steps=1000)
+    model = method_from_spec(settings.method).apply(model, total_steps=1000)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                                   weight_decay=0.0)

@@ -22,7 +22,7 @@ def counts(model: str, methods: list[str]) -> list[tuple[str, int, int]]:
     from hydra import compose, initialize_config_dir
 
     from ftlab.settings import config_dir, settings_from_config
-    from ftlab.methods import build_method, count_parameters
+    from ftlab.methods import count_parameters, method_from_spec
     from ftlab.models import meta_model
 
     rows = []
@@ -30,7 +30,7 @@ def counts(model: str, methods: list[str]) -> list[tuple[str, int, int]]:
         for name in methods:
             cfg = compose("train", overrides=[f"method={name}", f"model={model}"], return_hydra_config=True)
             s = settings_from_config(cfg, tempfile.gettempdir())
-            method = build_method(name, **{k: v for k, v in s.method.items() if k != "name"})
+            method = method_from_spec(s.method)
             base = meta_model(s.model)
             _, base_total = count_parameters(base)
             adapted = method.apply(base, s.max_steps if s.max_steps > 0 else 1000)

@@ -125,12 +125,11 @@ def fixed_batch(settings, tokenizer, batch_size: int, seq_len: int) -> dict[str,
 
 def lora_model(settings, total_steps: int):
     """A fresh copy of the model with LoRA applied under a fixed seed."""
-    from ftlab.methods import build_method
+    from ftlab.methods import method_from_spec
     from ftlab.models import load_model
 
     model, tokenizer = load_model(settings.model, seed=settings.seed)
-    params = {k: v for k, v in settings.method.items() if k != "name"}
-    method = build_method(settings.method["name"], **params)
+    method = method_from_spec(settings.method)
     torch.manual_seed(settings.seed)  # LoRA's A is drawn from the global generator
     return method.apply(model, total_steps), method, tokenizer
 
