@@ -143,7 +143,8 @@ def test_score_generation_reports_all_four_scores_of_the_greedy_answers():
 
 # ----------------------------------------------------------------------------- a real run
 def test_a_run_records_and_prints_bleu_and_rouge_l(tmp_path):
-    proc = run_cli(*TINY, f"hydra.run.dir={tmp_path}", env={"OMP_NUM_THREADS": "1"})
+    # cache_before=false: both evaluations run and print here (tests/test_eval_cache.py covers reuse)
+    proc = run_cli(*TINY, "eval.cache_before=false", f"hydra.run.dir={tmp_path}", env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("val_bleu", "val_rouge_l", "val_bleu_initial", "val_rouge_l_initial"):
