@@ -281,3 +281,14 @@ def test_chunked_loss_removes_the_logits_from_the_plan():
     logits, hidden = 4 * b * (t - 1) * v, 4 * b * (t - 1) * h
     assert plain.activations - chunked.activations == pytest.approx(logits - hidden, rel=1e-3)
     assert plain.peak - chunked.peak >= logits
+
+
+@pytest.mark.parametrize("precision,held", [
+    ("32-true", "trainable float32, frozen bfloat16"),     # a bf16 checkpoint's frozen weights stay bf16
+    ("bf16-mixed", "trainable float32, frozen bfloat16"),  # fp32 masters for what trains
+    ("bf16-true", "trainable bfloat16, frozen bfloat16"),  # everything in the half type
+])
+def test_the_plan_says_which_dtype_each_part_is_held_in(precision, held):
+    plan = plan_run(settings("model=tiny-llama", "model.dtype=bfloat16", f"hardware.precision={precision}"))
+    assert plan.held_in == held
+    assert f"held in ({precision}): {held}" in plan.table()

@@ -60,15 +60,16 @@ def share_warning(method, method_name: str, trainable: int, total: int) -> str |
             "(see the trainable module types)")
 
 
-def held_dtypes(model: nn.Module, precision: str) -> str:
+def held_dtypes(model: nn.Module, precision: str, loaded=None) -> str:
     """``trainable float32, frozen bfloat16``: the dtypes the parameters are held in while
     training under ``precision`` (``*-true`` casts every floating tensor to the half type;
-    otherwise trainable tensors are fp32 masters and frozen ones keep their loaded dtype)."""
+    otherwise trainable tensors are fp32 masters and frozen ones keep their loaded dtype;
+    ``loaded``: that dtype, for a meta-device model built in another one)."""
     from ftlab.training.hardware import param_dtype
 
     held: dict[bool, set[str]] = {True: set(), False: set()}
     for p in model.parameters():
-        dtype = param_dtype(precision, p.dtype, p.requires_grad) if p.is_floating_point() else p.dtype
+        dtype = param_dtype(precision, loaded or p.dtype, p.requires_grad) if p.is_floating_point() else p.dtype
         held[p.requires_grad].add(str(dtype).removeprefix("torch."))
     return ", ".join(f"{kind} {' + '.join(sorted(held[flag])) or '-'}"
                      for kind, flag in (("trainable", True), ("frozen", False)))

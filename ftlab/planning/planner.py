@@ -71,7 +71,7 @@ from ftlab.io import write_json
 from ftlab.methods import count_parameters, method_from_spec
 from ftlab.methods.quantized import base_quantization
 from ftlab.models.loading import _DTYPES, meta_model
-from ftlab.planning.counts import parameters_by_module, share_warning
+from ftlab.planning.counts import held_dtypes, parameters_by_module, share_warning
 from ftlab.planning.trace import GIB, apply_on_meta, estimate_step, quantized_weights, size_of
 from ftlab.training.hardware import decoder_layer_classes, param_dtype, precision_parts, world_size, zero_stage
 
@@ -120,6 +120,7 @@ class Plan:
     device_memory_gb: float | None = None
     notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    held_in: str = ""  # the dtypes trainable and frozen parameters are held in
 
     def fits(self, estimate: MemoryEstimate) -> bool | None:
         if self.device_memory_gb is None:
@@ -141,6 +142,8 @@ class Plan:
                  f"batch {self.batch_size} x {self.seq_len} tokens",
                  f"Parameters: trainable {self.trainable_params:,} / total {self.total_params:,} "
                  f"({share:.4f}%)"]
+        if self.held_in:
+            lines.append(f"  held in ({self.precision}): {self.held_in}")
         lines.extend(self.warnings)
         width = max(len(r["module"]) for r in self.modules)
         lines.append(f"  {'module type':{width}} {'params':>15} {'trainable':>13}")
@@ -224,7 +227,8 @@ def plan_run(s: RunSettings, method=None) -> Plan:
                 batch_size=s.data.batch_size, seq_len=s.data.max_length,
                 trainable_params=trainable, total_params=total, modules=parameters_by_module(model),
                 memory=estimates, device_memory_gb=budget, notes=notes,
-                warnings=[w for w in [share_warning(method, s.method["name"], trainable, total)] if w])
+                warnings=[w for w in [share_warning(method, s.method["name"], trainable, total)] if w],
+                held_in=held_dtypes(model, str(s.hardware.precision), loaded))
 
 
 def write_plan(plan: Plan, run_dir: Path) -> dict[str, Any]:
