@@ -27,7 +27,6 @@ from typing import Iterator
 from filelock import FileLock, Timeout
 
 from ftlab import io
-from ftlab.io import replace_directory as publish  # noqa: F401  (the name the caches use)
 
 
 def cache_root() -> Path:

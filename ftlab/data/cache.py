@@ -27,7 +27,8 @@ from typing import Callable
 
 import numpy as np
 
-from ftlab.cachelock import cache_root, hold, publish, scratch_dir
+from ftlab.cachelock import cache_root, hold, scratch_dir
+from ftlab.io import replace_directory
 
 VERSION = 1
 
@@ -105,7 +106,7 @@ def save(key: str, splits: dict[str, list[dict]], meta: dict) -> Path:
         for name, examples in splits.items():
             np.savez(tmp / f"{name}.npz", **_pack_examples(examples))
         (tmp / "meta.json").write_text(json.dumps({**meta, "splits": list(splits)}, indent=1, default=str))
-        publish(tmp, target)
+        replace_directory(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

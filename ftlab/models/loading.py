@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ftlab.cachelock import cache_root, hold, publish, scratch_dir
+from ftlab.cachelock import cache_root, hold, scratch_dir
+from ftlab.io import replace_directory
 from ftlab.config import ModelSettings
 from ftlab.errors import ConfigError, ModelNotFoundError
 
@@ -374,7 +375,7 @@ def _convert_gguf(gguf: Path, target: Path, settings: ModelSettings) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        publish(tmp, target)  # a half-written cache is never picked up
+        replace_directory(tmp, target)  # a half-written cache is never picked up
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"ftlab: converted in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
