@@ -1,4 +1,4 @@
-"""``python -m ftlab``: the command line (:mod:`ftlab.cli`)."""
-from ftlab.cli import main
+"""``python -m ftlab``: the command line (:mod:`ftlab.commands`; no arguments run the default job)."""
+from ftlab.commands import module_main
 
-main()
+module_main()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "ftlab"
-ENTRY_POINTS = {"ftlab.cli", "ftlab.__main__", "ftlab.eval", "ftlab.export", "ftlab.report"}
+ENTRY_POINTS = {"ftlab.commands", "ftlab.cli", "ftlab.__main__", "ftlab.eval", "ftlab.export", "ftlab.report"}
 MAX_LINES = 400
 
 
