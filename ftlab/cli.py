@@ -3,7 +3,8 @@
 This is the entry point that sees Hydra. Before Hydra starts (and before any weight loads)
 it composes the config for every job the command asks for and validates it, so a typo or an
 impossible value ends in one line on stderr and exit status 2. It also settles the run
-directory up front, so an existing run is never overwritten. ``resume=...`` continues a run
+directory up front, so an existing run is never overwritten. What a job prints is also written to
+its directory's ``train.log``. ``resume=...`` continues a run
 in its own directory instead (:mod:`ftlab.resume`). A sweep run again into its own directory
 (an explicit ``hydra.sweep.dir`` that holds Hydra's ``multirun.yaml``) continues: each job that
 completed there with the same resolved config returns its recorded objective without training.
@@ -18,10 +19,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from ftlab.console import fail, is_rank_zero, quiet_third_party, say
+from ftlab.console import capture_output, fail, is_rank_zero, quiet_third_party, say
 from ftlab.errors import ConfigError, UserError
 from ftlab.io import write_json, write_text
-from ftlab.rundir import read_metrics
+from ftlab.rundir import TRAIN_LOG, read_metrics
 from ftlab.settings import config_dir, explain_compose_error, first_line, resolved, settings_from_config
 from ftlab.sweeps import expand_jobs, expand_sweep
 from ftlab.training.hardware import register_resolvers
@@ -176,15 +177,21 @@ def _check_before_weights(settings) -> None:
 def _task(cfg) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
-    from ftlab.run import train
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
     if multirun and read_metrics(run_dir).get("status") == "completed":
         return _completed_job(cfg, run_dir, hc.job.num)
+    with capture_output(run_dir / TRAIN_LOG):  # what the job prints, also in its directory
+        return _job(cfg, hc, run_dir, multirun)
+
+
+def _job(cfg, hc, run_dir: Path, multirun: bool) -> float:
+    from omegaconf import OmegaConf
+
+    from ftlab.run import train
+
     try:
         settings = settings_from_config(cfg, str(run_dir))
         config = resolved(cfg)
@@ -249,11 +256,12 @@ def resume(argv: list[str]) -> None:
         settings, config, point = resume_point(*_parse_resume(argv))
     except UserError as err:
         fail(str(err))
-    say(f"ftlab: resuming {point.run_dir} from {point.checkpoint.name} (step {point.step})")
-    try:
-        train(settings, config=config, resume=point)
-    except UserError as err:
-        fail(str(err))
+    with capture_output(point.run_dir / TRAIN_LOG):  # continues the run's log
+        say(f"ftlab: resuming {point.run_dir} from {point.checkpoint.name} (step {point.step})")
+        try:
+            train(settings, config=config, resume=point)
+        except UserError as err:
+            fail(str(err))
 
 
 def _parse_resume(argv: list[str]) -> tuple[str, Path | None, list[tuple[str, str, str]]]:
@@ -279,9 +287,7 @@ def _parse_resume(argv: list[str]) -> tuple[str, Path | None, list[tuple[str, st
                 value = text
             elif key == "hydra.run.dir":
                 run_dir = Path(text)
-            elif key == "logger":  # the group choice: every logger has the same settings
-                overrides.append(("logger.name", text, arg))
-            else:
+            else:  # (logger=... is a group choice: ftlab.resume composes it)
                 overrides.append((key, text, arg))
     if not value:
         raise UserError("resume= needs a run directory, a checkpoint file or 'last'")

@@ -19,7 +19,7 @@ from ftlab.inputs import (DATA_FORMATS, DTYPES, FORMAT_FIELDS, MODEL_SOURCES, MO
                           QUANTIZATIONS, TEMPLATES, DataSettings, ModelSettings)
 
 SCHEDULERS = ("constant", "linear", "cosine")
-LOGGERS = ("csv", "tensorboard", "wandb", "none")
+LOGGERS = ("csv", "tensorboard", "wandb")  # any of them, together (none: an empty tuple)
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true")
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
@@ -179,7 +179,9 @@ class MonitorSettings:
 
 @dataclass
 class LoggerSettings:
-    name: str = "csv"
+    """The experiment loggers of a run, in order (``logger=[csv,wandb]``), and W&B's options."""
+
+    names: tuple[str, ...] = ("csv",)
     project: str = "ftlab"
     entity: str | None = None
     group: str | None = None
@@ -188,7 +190,9 @@ class LoggerSettings:
     offline: bool = False
 
     def __post_init__(self) -> None:
-        check_choice("logger", self.name, LOGGERS)
+        for name in self.names:
+            check_choice("logger", name, LOGGERS + ("none",) if len(self.names) == 1 else LOGGERS)
+        self.names = tuple(n for n in self.names if n != "none")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """What the user sees on the terminal: progress lines, one-line errors, quiet libraries.
 
 ``fail`` is how every command ends on bad input (``ftlab: error: <message>``, exit status 2);
+``capture_output`` copies what a run prints into its ``train.log``;
 ``quiet_third_party`` is called by the commands' entry points, never on import, so that
 importing ftlab as a library changes no warning or logging filter.
 """
@@ -8,11 +9,14 @@ importing ftlab as a library changes no warning or logging filter.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import traceback
 import warnings
-from typing import NoReturn
+from pathlib import Path
+from typing import Iterator, NoReturn
 
 EXIT_USAGE = 2
 
@@ -80,3 +84,66 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers which may be a bottleneck")
     warnings.filterwarnings("ignore",
                             message=".*The number of training batches .* is smaller than the logging interval")
+
+
+class _Tee:
+    """A text stream that writes to ``stream`` and copies to ``log``, leaving out progress-bar
+    frames (redrawn with a carriage return or terminal escapes) and the newline that ends one."""
+
+    def __init__(self, stream, log):
+        self._stream, self._log, self._in_bar = stream, log, False
+
+    def write(self, text: str) -> int:
+        written = self._stream.write(text)
+        if "\r" in text or "\x1b[" in text:
+            self._in_bar = True
+        elif not (self._in_bar and not text.strip()):
+            self._in_bar = False
+            self._log.write(text)
+            self._log.flush()
+        return written
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, ...: the terminal's
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def capture_output(path: Path) -> Iterator[None]:
+    """Append everything printed meanwhile to ``path`` as well as to the terminal: ftlab's own
+    lines (data summary, parameter table, results), warnings, the messages of libraries that
+    log to the console, and ``ftlab: error:`` lines or the traceback of an error that ends it.
+    Only on rank zero (the other processes of a multi-process run print nothing of their own)."""
+    if not is_rank_zero():
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as log:
+        old_out, old_err, old_show = sys.stdout, sys.stderr, warnings.showwarning
+        sys.stdout, sys.stderr = _Tee(old_out, log), _Tee(old_err, log)
+        tees = {id(old_out): sys.stdout, id(old_err): sys.stderr,
+                id(sys.__stdout__): sys.stdout, id(sys.__stderr__): sys.stderr}
+        swapped = []  # console handlers of the loggers (Lightning's "GPU available: ...")
+        for logger in [logging.getLogger(), *logging.root.manager.loggerDict.values()]:
+            for handler in getattr(logger, "handlers", []):
+                if type(handler) is logging.StreamHandler and id(handler.stream) in tees:
+                    swapped.append((handler, handler.setStream(tees[id(handler.stream)])))
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            # Printed even where a caller records warnings (pytest): the log is the record.
+            sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+        warnings.showwarning = show
+        try:
+            yield
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException:
+            log.write(traceback.format_exc())
+            raise
+        finally:
+            for handler, stream in swapped:
+                handler.setStream(stream)
+            sys.stdout, sys.stderr, warnings.showwarning = old_out, old_err, old_show

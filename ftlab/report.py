@@ -25,6 +25,8 @@ writes, into that directory:
 
 Configurations that differ only in the learning rate (``optimizer.lr`` or ``lr_scale``) are one
 family: the table and plots show the rate with the lowest mean validation loss, report.csv all.
+
+``--wandb`` also logs the tables and plots to W&B, as a run of the group the jobs logged to.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from ftlab.console import CommandParser, quiet_third_party
 from ftlab.errors import UserError
 from ftlab.plots import label_lifts as _label_lifts, pareto_front, plot_curves, plot_pareto
 from ftlab.stats import ALPHA, Summary
+from ftlab.training.dashboard import log_report, wandb_target
 
 __all__ = ["collect", "pareto_front", "plot_curves", "plot_pareto", "report", "_label_lifts"]
 
@@ -258,9 +261,16 @@ def main(argv: list[str] | None = None) -> None:
                                           f"that apply); any of {', '.join(COLUMNS)}")
     parser.add_argument("--baseline", help="the method every other configuration is tested against "
                                             "(paired t-test over seeds; default: lora when present)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also log the tables and plots to W&B, as a run (job_type=report) of the group "
+                             "the jobs logged to (they ran with logger=wandb)")
     args = parser.parse_args(argv)
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
     try:
+        target = args.wandb and wandb_target([j.metrics for j in collect(args.directory)])
+        if args.wandb and not target:
+            raise UserError(f"--wandb: no job under {args.directory} logged to W&B; run them with logger=wandb "
+                            "(or with wandb among others, logger=[csv,wandb])")
         table = report(args.directory, columns, args.baseline)
     except UserError as err:
         print(f"ftlab.report: error: {err}", file=sys.stderr)
@@ -268,6 +278,10 @@ def main(argv: list[str] | None = None) -> None:
     print(table)
     if (args.directory / "report.csv").is_file():
         print(f"\nwrote {args.directory / 'report.csv'}, jobs.csv, report.md, val_loss_curves.png, pareto.png")
+    if target:
+        where = log_report(args.directory, target)
+        print(f"logged the report to W&B group {target['group']!r} of project {target['project']!r}: {where}"
+              + (f" (offline; sync with: wandb sync {where})" if target["mode"] == "offline" else ""))
 
 
 if __name__ == "__main__":

@@ -116,9 +116,13 @@ def resume_point(value: str, run_dir: Path | None = None, overrides: list[tuple[
     cfg, config_path = run.cfg, run.config_path
     allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUMABLE_OVERRIDES)
     # The run's own command line again (up-arrow + resume=..., a SLURM requeue) is no change.
-    _check_unchanged([(key, raw) for key, _, raw in overrides if not key.startswith(RESUMABLE_OVERRIDES)],
+    _check_unchanged([(key, raw) for key, _, raw in overrides
+                      if not key.startswith(RESUMABLE_OVERRIDES) and key != "logger"],
                      OmegaConf.to_container(cfg, resolve=True), config_path, allowed)
-    for key, text, _ in overrides:
+    for key, text, raw in overrides:
+        if key == "logger":  # a group choice (logger=none, logger=[csv,wandb]): its composed node
+            OmegaConf.update(cfg, "logger", _compose([raw]).get("logger") or {}, merge=False)
+            continue
         if not key.startswith(RESUMABLE_OVERRIDES):
             continue
         if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":

@@ -34,7 +34,8 @@ from ftlab.training.faults import GracefulStop, NonFiniteLossGuard, supervise
 from ftlab.training.hardware import (build_strategy, check_hardware, enable_gradient_checkpointing,
                                      full_parameters, keep_trainable_in_fp32, world_size)
 from ftlab.training.loaders import own_generator, resumable_loader
-from ftlab.training.loggers import build_logger, finish_logger
+from ftlab.training.dashboard import run_columns
+from ftlab.training.loggers import build_logger, finish_logger, logged_to
 from ftlab.training.module import FinetuneModule
 from ftlab.training.optim import check_optimizer
 
@@ -119,7 +120,8 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     if resume is not None:
         resume.check_model(module.model)  # a foreign checkpoint is refused before anything is written
     label = run_label(s)
-    logger = build_logger(s.logger, run_dir, label, s.sweep_name or s.method["name"], config or {})
+    logger = build_logger(s.logger, run_dir, label, s.sweep_name or s.method["name"], config or {},
+                          columns=run_columns(s, model_settings.quantization))
     state, stop = RunState(checkpoint_identity(s)), GracefulStop(run_dir / "checkpoints" / "last.ckpt")
     trainer = _trainer(s, run_dir, logger, model, callbacks=[state, NonFiniteLossGuard(), stop])
     writer = trainer.is_global_zero  # only rank zero writes the run's outputs
@@ -136,7 +138,8 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
                               "trainable_params": trainable, "total_params": total,
                               "validation": "on" if s.validates else "off",
                               "train_examples": len(data.train_set), "val_examples": len(data.val_set),
-                              "data_stats": {k: v.as_dict() for k, v in data.stats.items()}}
+                              "data_stats": {k: v.as_dict() for k, v in data.stats.items()},
+                              **logged_to(logger)}
 
     if resume is not None:
         result.update(resume.initial_metrics(), resumed_from=str(resume.checkpoint),
@@ -195,7 +198,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     if writer:
         write_json(run_dir / "metrics.json", result)
     say(_final_report(result))
-    finish_logger(logger, s.logger, result)
+    finish_logger(logger, result)
     return result
 
 

@@ -21,6 +21,7 @@ from ftlab.io import read_json
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_DIR = "checkpoints"
+TRAIN_LOG = "train.log"  # what the run printed (data, parameters, results, warnings, errors)
 
 
 @dataclass

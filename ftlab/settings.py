@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ftlab.config import (DataSettings, DryRunSettings, EvalSettings, HardwareSettings, LoggerSettings,
-                          LossSettings, ModelSettings, MonitorSettings, OptimizerSettings, RunSettings,
+from ftlab.config import (LOGGERS, DataSettings, DryRunSettings, EvalSettings, HardwareSettings,
+                          LoggerSettings, LossSettings, ModelSettings, MonitorSettings, OptimizerSettings, RunSettings,
                           SchedulerSettings, build)
 from ftlab.errors import ConfigError, did_you_mean
 from ftlab.methods.registry import import_plugins
@@ -78,7 +78,7 @@ def settings_from_config(cfg, run_dir: str) -> RunSettings:
                                     weight_decay=optimizer_cfg.get("weight_decay", 0.0)),
         scheduler=build(SchedulerSettings, c["scheduler"], "scheduler"),
         hardware=build(HardwareSettings, c["hardware"], "hardware"),
-        logger=build(LoggerSettings, dict(c["logger"]), "logger"),
+        logger=logger_settings(c.get("logger")),
         eval=build(EvalSettings, c["eval"], "eval"),
         trainer=dict(c["trainer"]),
         seed=c["seed"],
@@ -91,6 +91,22 @@ def settings_from_config(cfg, run_dir: str) -> RunSettings:
         callbacks={k: v for k, v in (c.get("callbacks") or {}).items() if v is not None},
         plugins=plugins,
     )
+
+
+def logger_settings(node: dict[str, Any] | None) -> LoggerSettings:
+    """``logger: {csv: {}, wandb: {project: ...}}`` (one node per chosen logger, conf/logger/)
+    as settings; a run saved before several loggers could be combined has ``logger: {name: csv}``."""
+    node = dict(node or {})
+    if "name" in node:
+        return build(LoggerSettings, {**node, "names": (node.pop("name"),)}, "logger")
+    for name, options in node.items():
+        if name not in LOGGERS:
+            raise ConfigError(f"unknown logger {name!r}{did_you_mean(name, LOGGERS)}; loggers: "
+                              f"{', '.join(LOGGERS)}, any of them together (logger=[csv,wandb]), "
+                              "many (all three) or none")
+        if name != "wandb" and options:
+            raise ConfigError(f"logger.{name} takes no settings, got {', '.join(options)}")
+    return build(LoggerSettings, dict(node.get("wandb") or {}), "logger.wandb", names=tuple(node))
 
 
 def _fill_auto_model(cfg) -> None:
