@@ -98,7 +98,8 @@ def logger_settings(node: dict[str, Any] | None) -> LoggerSettings:
     as settings; a run saved before several loggers could be combined has ``logger: {name: csv}``."""
     node = dict(node or {})
     if "name" in node:
-        return build(LoggerSettings, {**node, "names": (node.pop("name"),)}, "logger")
+        names = (node.pop("name"),)
+        return build(LoggerSettings, {**node, "names": names}, "logger")
     for name, options in node.items():
         if name not in LOGGERS:
             raise ConfigError(f"unknown logger {name!r}{did_you_mean(name, LOGGERS)}; loggers: "
@@ -196,5 +197,10 @@ def explain_compose_error(err: Exception, compose, name: str, job: list[str]) ->
                 f"To add a new key on purpose, write +{key}=...")
     m = re.search(r"Could not load '([^']+)'", text)
     if m:
+        group, _, option = m.group(1).rpartition("/")  # one of a list of options: logger=[csv,foo]
+        options = sorted(p.stem for p in (config_dir() / group).glob("*.yaml")) if group else []
+        if options and option not in options:
+            return (f"unknown {group} {option!r}{did_you_mean(option, options)}; "
+                    f"valid {group} options: {', '.join(options)}")
         return f"cannot load config {m.group(1)!r}"
     return " ".join(text.split())[:500]

@@ -90,3 +90,14 @@ def test_python_m_ftlab_dispatches_subcommands_too(tmp_path):
     proc = run_cli("eval", str(tmp_path / "no-run"))
     assert_usage_error(proc)
     assert "cannot parse the overrides" not in proc.stderr
+
+
+def test_ci_installs_exactly_as_the_readme_says():
+    """.ci/run follows README's set-up block: each of its commands, line for line."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Set up and run the tests", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    steps = [line for line in block.splitlines() if line.startswith(("pip ", "ruff ", "HF_HUB_OFFLINE"))]
+    assert len(steps) == 5, block
+    for step in steps:
+        assert any(line.split("#")[0].strip() == step for line in ci), step

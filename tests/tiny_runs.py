@@ -109,3 +109,45 @@ def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None
         time.sleep(0.02)
     tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
     raise AssertionError(f"timed out waiting for {what}\n{tail}")
+
+
+def wandb_records(run_dir: Path) -> list:
+    """The records of the offline W&B run under ``run_dir`` (its ``run-*.wandb`` file: W&B's
+    LevelDB-style log of protobuf records), read without a W&B server."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    path = next(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    data, pos, block, out, part = path.read_bytes(), 7, 32768, [], b""
+    assert data[:4] == b":W&B", data[:8]
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        part = chunk if kind in (1, 2) else part + chunk  # full, first | middle, last
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(part)
+            out.append(record)
+    return out
+
+
+class WarnOnFit:
+    """A Lightning callback (``+callbacks.w._target_=tiny_runs.WarnOnFit``) that warns when
+    training starts, or with ``fail=true`` raises there."""
+
+    def __new__(cls, fail: bool = False):
+        from lightning.pytorch.callbacks import Callback
+
+        class _Warn(Callback):
+            def on_fit_start(self, trainer, pl_module):
+                import warnings
+
+                if fail:
+                    raise RuntimeError("an error from the tiny run")
+                warnings.warn("a warning from the tiny run", UserWarning, stacklevel=1)
+
+        return _Warn()
