@@ -1,10 +1,13 @@
-"""Every registered method (and native backend) on tiny random models of three architecture
+"""Every registered method (and native backend) on tiny random models of four architecture
 families, checked the same way:
 
 - Llama: a decoder with nn.Linear projections and grouped-query attention (causal LM);
 - GPT-2: a decoder whose projections are transformers' Conv1D (weights stored (in, out), the
   fused query/key/value ``c_attn``), head tied to the embeddings (causal LM);
-- BERT: an encoder with a new sequence-classification head (``task: seq_cls``, 2 labels).
+- BERT: an encoder with a new sequence-classification head (``task: seq_cls``, 2 labels);
+- Falcon: a decoder with one fused ``query_key_value`` layer (FalconLinear) and multi-query
+  attention (4 query heads share one key/value head, so prefix tuning's prefixes have one
+  head), attention and MLP in parallel, head tied to the embeddings (causal LM).
 
 For each (family, method):
 
