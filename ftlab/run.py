@@ -272,7 +272,8 @@ def _keep_best(trainer, module, method, tokenizer, s: RunSettings, run_dir: Path
     last_step = int(trainer.global_step)
     artifact = method.traits.artifact
     info = {"metric": m.metric, "mode": m.direction, "value": value, "step": step,
-            "checkpoint": str(Path(best.best_model_path).relative_to(run_dir)),
+            # Lightning holds the real path; run_dir may be relative (resume=last, resume=outputs/...)
+            "checkpoint": str(Path(best.best_model_path).resolve().relative_to(Path(run_dir).resolve())),
             "adapter": artifact if step == last_step else None, "last_step": last_step,
             "stopped_early": bool(s.max_steps > 0 and last_step < s.max_steps)}
     if step != last_step and trainer.world_size == 1:

@@ -13,13 +13,16 @@ from omegaconf import OmegaConf
 REPO = Path(__file__).resolve().parents[1]
 
 
-def save_tiny_model(directory: Path, family: str = "tiny-llama") -> Path:
+def save_tiny_model(directory: Path, family: str = "tiny-llama", arch: dict | None = None) -> Path:
     """``conf/model/<family>.yaml``'s random tiny model and its byte-level tokenizer, saved to
-    ``directory`` as a plain transformers model directory."""
+    ``directory`` as a plain transformers model directory; ``arch`` replaces the family's
+    architecture (another ``model_type`` at tiny size, e.g. Falcon)."""
     from ftlab.config import ModelSettings, build
     from ftlab.models import load_model
 
     values = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{family}.yaml"))
+    if arch is not None:
+        values["arch"] = dict(arch)
     model, tokenizer = load_model(build(ModelSettings, values, "model"), seed=0)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(directory))

@@ -8,6 +8,7 @@ adapter are compared with the reference's, step for step.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -224,3 +225,45 @@ def test_latest_checkpoint_ignores_an_unfinished_temporary_file(tmp_path_factory
     (run / "checkpoints" / ".last.ckpt.tmp-abc123").write_bytes(b"PK\x03\x04 half a zip")
     path, ckpt = latest_checkpoint(run)
     assert path.name == "step-4.ckpt" and ckpt["global_step"] == 4
+
+
+# ---------------------------------------------------------------- the forms docs/resume.md names
+# Logged to csv at every step, so what a resumed run writes to logs/ shows.
+FORMS = ["data.batch_size=64", "trainer.max_steps=6", "checkpoint.every_n_steps=4",
+         "trainer.val_check_interval=3", "eval.generate=false", "optimizer.lr=1e-2", "logger=csv",
+         "trainer.log_every_n_steps=1"]
+
+
+def test_resume_from_a_named_checkpoint_with_logging_turned_off(tmp_path_factory, tmp_path):
+    """``resume=<run>/checkpoints/step-4.ckpt logger=none``: the named checkpoint, although a
+    later one (last.ckpt, step 6) is there, and logger=none (an allowed change) is honoured:
+    the csv log is left exactly as it was."""
+    done = cached_run(tmp_path_factory, *FORMS)
+    run = crashed_copy(done, tmp_path / "run", keep="step-4.ckpt")
+    shutil.copy(done / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")
+    assert latest_checkpoint(run)[1]["global_step"] == 6  # resume=<run> alone would take it
+    log = (run / "logs" / "metrics.csv").read_bytes()
+
+    resume(f"resume={run / 'checkpoints' / 'step-4.ckpt'}", "logger=none")
+    assert_same_training(done, run, from_step=4, tol=0.0)
+    assert (run / "logs" / "metrics.csv").read_bytes() == log
+
+
+def test_resume_last_takes_the_newest_unfinished_run_under_outputs(tmp_path_factory, tmp_path, monkeypatch):
+    """``resume=last`` from a directory holding ``outputs/``: the newest unfinished run is
+    continued; a completed run with a newer checkpoint is left alone."""
+    done = cached_run(tmp_path_factory, *FORMS)
+    outputs = tmp_path / "outputs"
+    older = crashed_copy(done, outputs / "2026-01-01" / "09-00-00_lora_tiny-llama", keep="step-4.ckpt")
+    unfinished = crashed_copy(done, outputs / "2026-01-02" / "09-00-00_lora_tiny-llama", keep="step-4.ckpt")
+    completed = outputs / "2026-01-03" / "09-00-00_lora_tiny-llama"
+    shutil.copytree(done, completed)
+    for when, run in enumerate((older, unfinished, completed)):
+        for ckpt in (run / "checkpoints").glob("*.ckpt"):
+            os.utime(ckpt, (1_800_000_000 + when, 1_800_000_000 + when))
+    untouched = {run: tree_digest(run) for run in (older, completed)}
+
+    monkeypatch.chdir(tmp_path)
+    resume("resume=last")
+    assert_same_training(done, unfinished, from_step=4, tol=0.0)
+    assert {run: tree_digest(run) for run in (older, completed)} == untouched

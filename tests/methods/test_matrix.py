@@ -1,10 +1,13 @@
-"""Every registered method (and native backend) on tiny random models of three architecture
+"""Every registered method (and native backend) on tiny random models of four architecture
 families, checked the same way:
 
 - Llama: a decoder with nn.Linear projections and grouped-query attention (causal LM);
 - GPT-2: a decoder whose projections are transformers' Conv1D (weights stored (in, out), the
   fused query/key/value ``c_attn``), head tied to the embeddings (causal LM);
-- BERT: an encoder with a new sequence-classification head (``task: seq_cls``, 2 labels).
+- BERT: an encoder with a new sequence-classification head (``task: seq_cls``, 2 labels);
+- Falcon: a decoder with one fused ``query_key_value`` layer (FalconLinear) and multi-query
+  attention (4 query heads share one key/value head, so prefix tuning's prefixes have one
+  head), attention and MLP in parallel, head tied to the embeddings (causal LM).
 
 For each (family, method):
 
@@ -38,7 +41,7 @@ from ftlab.errors import ConfigError
 from ftlab.methods import count_parameters
 from ftlab.models import meta_model
 
-from .tiny import BERT, FAMILIES, GPT2, LLAMA, Family, build, cases, method_kwargs
+from .tiny import BERT, FALCON, FAMILIES, GPT2, LLAMA, Family, build, cases, method_kwargs
 
 CASES = cases()
 CASE_IDS = [c[0] for c in CASES]
@@ -53,7 +56,7 @@ MATRIX = [(family, *case) for family in FAMILIES.values() for case in CASES
 MATRIX_IDS = [f"{family.name}-{case}" for family, case, _, _ in MATRIX]
 
 # Steps to halve the loss, at most. Each case stops as soon as it has (after 3 steps).
-MAX_STEPS = {"llama": 60, "gpt2": 60, "bert": 30}
+MAX_STEPS = {"llama": 60, "gpt2": 60, "bert": 30, "falcon": 60}
 LR = {"full": 3e-3, "lora_plus": 1e-2, "adapter": 1e-2}  # by case or method name; others: DEFAULT_LR
 DEFAULT_LR = 3e-2
 
@@ -80,6 +83,10 @@ def dims(family: Family) -> Dims:
         return Dims(a["n_embd"], a["n_layer"], a["n_embd"], ("score", False))  # one kv head per head
     if family is BERT:
         return Dims(a["hidden_size"], a["num_hidden_layers"], a["hidden_size"], ("classifier", True))
+    if family is FALCON:
+        # Multi-query attention: one key/value head of width hidden / heads.
+        return Dims(a["hidden_size"], a["num_hidden_layers"], a["hidden_size"] // a["num_attention_heads"],
+                    ("score", False))
     raise AssertionError(f"no dimensions for family {family.name!r}")
 
 
@@ -93,6 +100,9 @@ IA3_AUTO: dict[str, tuple[list[str], list[str]]] = {
     "gpt2": ([r".*\.attn\.c_attn"], [r".*\.mlp\.c_proj"]),
     "bert": ([r".*\.attention\.self\.key", r".*\.attention\.self\.value"],
              [r".*\.layer\.\d+\.output\.dense", r".*\.attention\.output\.dense"]),
+    # peft's Falcon defaults: the fused query_key_value (keys and values scaled with the
+    # queries: one vector over all 64 + 2 x 16 outputs) and the MLP's dense_4h_to_h on its input.
+    "falcon": ([r".*\.self_attention\.query_key_value"], [r".*\.mlp\.dense_4h_to_h"]),
 }
 # Houlsby adapters sit after the attention output projection and after the feed-forward
 # output projection of every layer.
@@ -100,6 +110,7 @@ ADAPTER_AUTO: dict[str, list[str]] = {
     "llama": [r".*\.self_attn\.o_proj", r".*\.mlp\.down_proj"],
     "gpt2": [r".*\.attn\.c_proj", r".*\.mlp\.c_proj"],
     "bert": [r".*\.attention\.output\.dense", r".*\.layer\.\d+\.output\.dense"],
+    "falcon": [r".*\.self_attention\.dense", r".*\.mlp\.dense_4h_to_h"],
 }
 
 

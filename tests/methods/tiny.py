@@ -95,10 +95,21 @@ BERT_ARCH: dict[str, Any] = dict(
     num_attention_heads=4, max_position_embeddings=256, type_vocab_size=2, initializer_range=0.2,
     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
 )
+# Falcon-7B's layout at tiny size (conf/model/falcon-7b.yaml): one fused query_key_value layer,
+# multi-query attention (4 query heads share one key/value head, so the layer is 64 -> 64 + 2 x 16),
+# attention and MLP in parallel on one layer norm, no biases, rotary positions, head tied to the
+# embeddings. Falcon has no intermediate_size: its MLP is 4 x hidden (dense_h_to_4h, dense_4h_to_h).
+FALCON_ARCH: dict[str, Any] = dict(
+    model_type="falcon", vocab_size=272, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+    multi_query=True, new_decoder_architecture=False, parallel_attn=True, bias=False, alibi=False,
+    max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.2,
+    hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=1, eos_token_id=2,
+)
 LLAMA = Family("llama", ARCH, "causal_lm", "tiny-llama")
 GPT2 = Family("gpt2", GPT2_ARCH, "causal_lm", "tiny-gpt2")
 BERT = Family("bert", BERT_ARCH, "seq_cls", "tiny-bert", labels=("negative", "positive"))
-FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GPT2, BERT)}
+FALCON = Family("falcon", FALCON_ARCH, "causal_lm", "falcon-7b")  # targets: [query_key_value]
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, GPT2, BERT, FALCON)}
 
 HEAD_DIM = ARCH["hidden_size"] // ARCH["num_attention_heads"]
 KV_DIM = HEAD_DIM * ARCH["num_key_value_heads"]

@@ -13,6 +13,7 @@ those projection layers, so the adapter sees exactly the sublayer's output:
     Llama / Mistral / Qwen:  self_attn.o_proj, mlp.down_proj
     GPT-2:                   attn.c_proj, mlp.c_proj
     BERT / RoBERTa:          attention.output.dense, output.dense
+    Falcon:                  self_attention.dense, mlp.dense_4h_to_h
 
 (``method.target_modules=auto`` picks these; a list of module names overrides.) Each adapter
 has ``d*m + m + m*d + d`` parameters, so a model with L layers trains
@@ -58,7 +59,8 @@ from ftlab.methods.registry import register
 NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 CONFIG_FILE, WEIGHTS_FILE = "bottleneck_adapter.json", "bottleneck_adapter.safetensors"
 # Sublayer output projections per architecture, in the order attention, feed-forward.
-AUTO_TARGETS = (("o_proj", "down_proj"), ("attn.c_proj", "mlp.c_proj"), ("attention.output.dense", "output.dense"))
+AUTO_TARGETS = (("o_proj", "down_proj"), ("attn.c_proj", "mlp.c_proj"), ("attention.output.dense", "output.dense"),
+                ("self_attention.dense", "mlp.dense_4h_to_h"))
 
 
 class BottleneckAdapter(nn.Module):
@@ -91,8 +93,9 @@ def auto_targets(model: nn.Module) -> list[str]:
         if any(n.endswith("." + attn) for n in names) and any(n.endswith("." + ffn) for n in names):
             return [attn, ffn]
     raise ConfigError("method.target_modules=auto knows Llama-style (o_proj, down_proj), GPT-2 "
-                      "(attn.c_proj, mlp.c_proj) and BERT (attention.output.dense, output.dense) "
-                      "layers; name this model's sublayer output projections in method.target_modules")
+                      "(attn.c_proj, mlp.c_proj), BERT (attention.output.dense, output.dense) and "
+                      "Falcon (self_attention.dense, mlp.dense_4h_to_h) layers; name this model's "
+                      "sublayer output projections in method.target_modules")
 
 
 @dataclass

@@ -94,6 +94,16 @@ def all_linear_paths(model: nn.Module) -> list[str]:
             and not any(name == h or name.startswith(h + ".") for h in heads)]
 
 
+# nn.Linear subclasses that only restate its forward (x @ W.T + b with their own weight and
+# bias): Falcon's FalconLinear (transformers.models.falcon), every linear layer of Falcon.
+PLAIN_LINEAR_SUBCLASSES = (("transformers.models.falcon.modeling_falcon", "FalconLinear"),)
+
+
+def _plain_linear_subclass(module: nn.Module) -> bool:
+    cls = type(module)
+    return isinstance(module, nn.Linear) and (cls.__module__, cls.__name__) in PLAIN_LINEAR_SUBCLASSES
+
+
 def find_targets(model: nn.Module, target_modules, *, key: str = "method.target_modules") -> list[str]:
     """Paths of the linear layers (``nn.Linear`` or ``Conv1D``) the targets select.
 
@@ -107,14 +117,16 @@ def find_targets(model: nn.Module, target_modules, *, key: str = "method.target_
     for name, module in model.named_modules():
         if not name or not matches(name, targets):
             continue
-        if type(module) in kinds:  # exact type: a wrapper is not wrapped twice
+        # Exact types: a wrapper is not wrapped twice, a quantized nn.Linear subclass is refused.
+        if type(module) in kinds or _plain_linear_subclass(module):
             found.append(name)
         elif not _is_native_wrapper(module):
             unsupported.append(f"{name} ({type(module).__name__})")
     if unsupported:
         raise ConfigError(
             f"{key}={_fmt(targets)} selects layers a native method cannot wrap: "
-            f"{', '.join(unsupported[:4])}; native methods adapt nn.Linear and Conv1D layers only"
+            f"{', '.join(unsupported[:4])}; native methods adapt nn.Linear (and Falcon's FalconLinear) "
+            "and Conv1D layers only"
         )
     if not found:
         raise ConfigError(

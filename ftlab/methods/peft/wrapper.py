@@ -220,8 +220,10 @@ def shapes_only(config):
 
 
 def match_task(config, model: nn.Module) -> None:
-    """A sequence-classification model gets peft's SEQ_CLS task type: peft then trains its new
-    head (``score``/``classifier``) along with the adapter and saves it in the adapter files."""
+    """Fit the peft config to the model. A sequence-classification model gets peft's SEQ_CLS task
+    type: peft then trains its new head (``score``/``classifier``) along with the adapter and
+    saves it in the adapter files. Conv1D layers get fan_in_fan_out; prefix tuning gets the
+    model's key/value heads where its config does not name them (Falcon's multi-query)."""
     if (getattr(config, "task_type", None) == "CAUSAL_LM"
             and type(model).__name__.endswith("ForSequenceClassification")):
         config.task_type = "SEQ_CLS"
@@ -230,6 +232,24 @@ def match_task(config, model: nn.Module) -> None:
         from transformers.pytorch_utils import Conv1D
 
         config.fan_in_fan_out = any(isinstance(m, Conv1D) for m in model.modules())
+    if getattr(config, "peft_type", None) == "PREFIX_TUNING" and config.num_attention_heads is None:
+        _prefix_key_value_heads(config, model)
+
+
+def _prefix_key_value_heads(config, model: nn.Module) -> None:
+    """Prefix tuning trains one key and one value prefix per key/value head. peft reads their
+    number from ``num_key_value_heads`` in the model's config, else takes ``num_attention_heads``;
+    Falcon's multi-query attention (one key/value head shared by all query heads) has neither
+    in its config, so peft built 4-head prefixes for a 1-head cache and the forward failed. The
+    attention layers' own ``num_kv_heads`` and ``head_dim`` say it."""
+    model_config = getattr(model, "config", None)
+    if model_config is None or getattr(model_config, "num_key_value_heads", None) is not None:
+        return
+    layer = next((m for m in model.modules() if isinstance(getattr(m, "num_kv_heads", None), int)
+                  and isinstance(getattr(m, "head_dim", None), int)), None)
+    if layer is not None and layer.num_kv_heads != getattr(model_config, "num_attention_heads", None):
+        config.num_attention_heads = layer.num_kv_heads
+        config.token_dim = layer.num_kv_heads * layer.head_dim
 
 
 def _tokenizer_dir(model: nn.Module, method_name: str) -> str:
