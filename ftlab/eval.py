@@ -227,9 +227,10 @@ def _lm_eval_main(args) -> None:
                                             ("--samples", args.samples)) if value is not None]:
         fail(f"{', '.join(ignored)}: ftlab's own evaluation, not lm-eval's; use --lm-eval-tasks-dir, "
              "--lm-eval-limit, --lm-eval-samples")
-    for flag, value in (("--lm-eval-limit", args.lm_eval_limit), ("--lm-eval-fewshot", args.lm_eval_fewshot)):
-        if value is not None and value < (1 if flag == "--lm-eval-limit" else 0):
-            fail(f"{flag} must be a {'positive' if flag == '--lm-eval-limit' else 'non-negative'} integer")
+    if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
+        fail("--lm-eval-limit must be a positive integer")
+    if args.lm_eval_fewshot is not None and args.lm_eval_fewshot < 0:
+        fail("--lm-eval-fewshot must be a non-negative integer")
     batch = args.lm_eval_batch_size
     if batch != "auto" and not (batch.isdigit() and int(batch) > 0):
         fail(f"--lm-eval-batch-size {batch}: a positive integer or 'auto'")
