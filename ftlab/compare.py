@@ -13,6 +13,8 @@ pick a learning rate per method, and test each configuration against a baseline.
   is selected and the others are marked as not selected.
 - Baseline: each configuration against the baseline's, by a paired t-test over the seeds both
   completed (:func:`ftlab.stats.paired_t_test`).
+- Standard benchmarks: a job's ``lm_eval.json`` (``ftlab.eval --lm-eval``) adds one metric per
+  task and lm-eval metric (``arc_easy/acc``), grouped and summarised like the others.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ftlab.errors import UserError
+from ftlab.metrics.lm_harness import read_columns
 from ftlab.stats import PairedTest, Summary, paired_t_test, summarize
 
 LR_KEYS = ("optimizer.lr", "lr_scale")
@@ -40,6 +43,7 @@ class Job:
     path: Path           # the job's directory, relative to the sweep directory
     metrics: dict[str, Any]
     root: Path = Path(".")  # the sweep directory
+    lm_eval: list[str] = field(default_factory=list)  # its metrics from lm_eval.json (in metrics too)
 
     @property
     def completed(self) -> bool:
@@ -112,6 +116,11 @@ def _config_value(path: Path, keys: tuple[str, ...]) -> Any:
         return None
 
 
+def lm_eval_metrics(jobs: list[Job]) -> list[str]:
+    """The lm-eval metrics some job has, in the order they first appear."""
+    return list(dict.fromkeys(k for j in jobs for k in j.lm_eval))
+
+
 def natural(path: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
 
@@ -126,7 +135,9 @@ def collect(directory: Path) -> list[Job]:
             metrics = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"{path} is not valid JSON ({err.msg}); was the job killed while writing?") from None
-        jobs.append(Job(path.parent.relative_to(directory), metrics, directory))
+        benchmarks = read_columns(path.parent)
+        jobs.append(Job(path.parent.relative_to(directory), {**metrics, **benchmarks}, directory,
+                        list(benchmarks)))
     if not jobs:
         raise UserError(f"no job results (metrics.json) under {directory}; "
                         "point ftlab.report at a run or sweep directory")

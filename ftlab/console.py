@@ -60,11 +60,13 @@ _DROP_LOG_SUBSTRINGS = (
     "`weights_only` was not set",                # Lightning, on every save_checkpoint
     "was configured so 100% of the batches",     # Lightning restating limit_val_batches=1.0
     "Failed to load CPU gemm_4bit_forward",      # bitsandbytes: optional hub kernel
+    "`pretrained` model kwarg is not of type",   # lm-eval, handed the model object on purpose
+    "Passed an already-initialized model",       # lm-eval, the same
 )
 _NOISY_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                   "lightning.pytorch.trainer.connectors.checkpoint_connector",
                   "lightning.pytorch.trainer.connectors.data_connector",
-                  "bitsandbytes.backends.cpu.ops")
+                  "bitsandbytes.backends.cpu.ops", "lm_eval.models.huggingface")
 
 
 class _DropKnownNoise(logging.Filter):

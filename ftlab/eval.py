@@ -1,4 +1,4 @@
-"""Evaluate a finished run: ``python -m ftlab.eval RUN_DIR [--data FILE] [--base]``.
+"""Evaluate a finished run: ``python -m ftlab.eval RUN_DIR [--data FILE] [--base] [--lm-eval TASKS]``.
 
 Rebuilds the run's base model from its ``config.yaml``, puts the trained method back on it
 (``Method.load`` on what it saved) and scores the run's own validation split, or a test file
@@ -11,6 +11,12 @@ before-training numbers (``*_initial``).
 Metrics (all torchmetrics): loss, perplexity and next-token accuracy for language modelling;
 exact match and answer F1 of greedy answers for data with reference answers; accuracy and
 macro F1 for classification. A few generations are printed next to their references.
+
+``--lm-eval hellaswag,arc_easy`` scores the same reloaded model on standard benchmarks with
+lm-evaluation-harness instead (the optional extra ``ftlab[lmeval]``; :mod:`ftlab.metrics.lm_harness`)
+and writes ``lm_eval.json`` into the run directory, beside ``metrics.json``, where
+``ftlab.report`` finds it (``lm_eval_base.json`` with ``--base``, ``lm_eval_best.json`` with
+``--best``). docs/evaluation.md has the task names and options.
 """
 
 from __future__ import annotations
@@ -86,6 +92,58 @@ def evaluate_run(run_dir: str | Path, data_file: str | None = None, base: bool =
             "data": str(data_file) if data_file else "validation split", **metrics}
 
 
+def lm_eval_run(run_dir: str | Path, harness, base: bool = False, best: bool = False,
+                json_file: str | None = None) -> dict[str, Any]:
+    """Score a run's model with lm-evaluation-harness (``harness``: a
+    :class:`ftlab.metrics.lm_harness.Harness`) and record it in the run directory. Everything
+    that can be checked without the weights (lm-eval installed, the run, the task names and
+    their data) is checked before the model loads."""
+    from ftlab.metrics import lm_harness
+    from ftlab.models import check_available
+
+    lm_harness.require_lm_eval()
+    run = RunDir.open(run_dir)
+    settings = run.settings
+    artifact = None if base else run.artifact(best)
+    if settings.model.task != "causal_lm":
+        raise UserError(f"{run.path} trained a classification head ({settings.model.task}); lm-eval "
+                        "scores language models (their next-token log-likelihoods and generations)")
+    check_available(settings.model)
+    harness.prepare()
+    loaded = load_run(run.path, base=base, best=best)
+    device = _device(settings.hardware.accelerator)
+    model = loaded.model.to(device) if device != "cpu" else loaded.model
+    what = ("the untrained base model" if base else
+            f"the {'best' if best else 'trained'} {settings.method['name']} model")
+    say(f"ftlab.eval: lm-eval {lm_harness.lm_eval_version()} on {', '.join(harness.tasks)}: {what} "
+        f"of {run.path} ({device})")
+    results = harness.run(model, loaded.tokenizer)
+    entries = harness.entries(results)
+    suffix = "_base" if base else "_best" if best else ""
+    about = {"run_dir": str(run.path), "model": "base" if base else "best" if best else "trained",
+             "method": settings.method["name"], "artifact": str(artifact.relative_to(run.path)) if artifact else None}
+    path = lm_harness.write_results(run.path, entries, about, file=f"lm_eval{suffix}.json")
+    say(lm_harness.summary(entries))
+    say(f"\nwrote {path}")
+    if harness.log_samples:
+        say(f"wrote {lm_harness.write_samples(run.path, results, f'lm_eval_samples{suffix}')}/")
+    out = {**about, "tasks": entries}
+    if json_file:
+        write_json(Path(json_file), out)
+    return out
+
+
+def _device(accelerator: str) -> str:
+    """Where lm-eval runs: on CUDA where the run trained on GPUs and this machine has one."""
+    import torch
+
+    if str(accelerator).lower() in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "cuda"
+    if str(accelerator).lower() in ("gpu", "cuda"):
+        say(f"ftlab.eval: the run trained on {accelerator}, which this machine lacks: lm-eval runs on the CPU")
+    return "cpu"
+
+
 def _reference(run: RunDir, base: bool, best: bool = False) -> dict[str, float]:
     """What the run recorded for the same model and data (before or after training, or at
     its best validation)."""
@@ -131,11 +189,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, metavar="K",
                         help="generations to print (default: eval.show_samples)")
     parser.add_argument("--json", metavar="FILE", help="also write the metrics to FILE")
+    lm = parser.add_argument_group("standard benchmarks (lm-evaluation-harness; pip install 'ftlab[lmeval]')")
+    lm.add_argument("--lm-eval", metavar="TASK[,TASK]",
+                    help="score the model on these lm-eval tasks (hellaswag, arc_easy, gsm8k, ...) instead, "
+                         "and write lm_eval.json into the run directory")
+    lm.add_argument("--lm-eval-tasks-dir", metavar="DIR", help="a directory of your own lm-eval task YAML files")
+    lm.add_argument("--lm-eval-limit", type=int, metavar="N", help="score only the first N documents of each task")
+    lm.add_argument("--lm-eval-fewshot", type=int, metavar="K",
+                    help="few-shot examples per prompt (default: each task's own, else 0)")
+    lm.add_argument("--lm-eval-batch-size", default="8", metavar="B", help="batch size, or 'auto' (default 8)")
+    lm.add_argument("--lm-eval-samples", action="store_true",
+                    help="also write lm-eval's per-document log to lm_eval_samples/TASK.jsonl")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.max_examples is not None and args.max_examples < 1:
         fail("--max-examples must be a positive integer")
     if args.base and args.best:
         fail("--base and --best exclude each other")
+    if args.lm_eval is not None:
+        _lm_eval_main(args)
+        return
+    if given := [f"--{k.replace('_', '-')}" for k in ("lm_eval_tasks_dir", "lm_eval_limit", "lm_eval_fewshot")
+                 if getattr(args, k) is not None] + (["--lm-eval-samples"] if args.lm_eval_samples else []):
+        fail(f"{', '.join(given)} without --lm-eval TASK[,TASK]")
     try:
         result = evaluate_run(args.run_dir, data_file=args.data, base=args.base,
                               max_examples=args.max_examples, samples=args.samples, best=args.best)
@@ -143,6 +218,30 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(err))
     if args.json:
         write_json(Path(args.json), result)
+
+
+def _lm_eval_main(args) -> None:
+    from ftlab.metrics.lm_harness import Harness, parse_tasks
+
+    if ignored := [flag for flag, value in (("--data", args.data), ("--max-examples", args.max_examples),
+                                            ("--samples", args.samples)) if value is not None]:
+        fail(f"{', '.join(ignored)}: ftlab's own evaluation, not lm-eval's; use --lm-eval-tasks-dir, "
+             "--lm-eval-limit, --lm-eval-samples")
+    if args.lm_eval_limit is not None and args.lm_eval_limit < 1:
+        fail("--lm-eval-limit must be a positive integer")
+    if args.lm_eval_fewshot is not None and args.lm_eval_fewshot < 0:
+        fail("--lm-eval-fewshot must be a non-negative integer")
+    batch = args.lm_eval_batch_size
+    if batch != "auto" and not (batch.isdigit() and int(batch) > 0):
+        fail(f"--lm-eval-batch-size {batch}: a positive integer or 'auto'")
+    try:
+        harness = Harness(parse_tasks(args.lm_eval), tasks_dir=Path(args.lm_eval_tasks_dir)
+                          if args.lm_eval_tasks_dir else None, limit=args.lm_eval_limit,
+                          num_fewshot=args.lm_eval_fewshot, batch_size=batch if batch == "auto" else int(batch),
+                          log_samples=args.lm_eval_samples)
+        lm_eval_run(args.run_dir, harness, base=args.base, best=args.best, json_file=args.json)
+    except UserError as err:
+        fail(str(err))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ writes, into that directory:
 
 - ``jobs.csv``: one row per job (method, r, alpha, lr, seed, precision/quantization, trainable
   parameters, validation loss, task metric, tokens/s, peak memory, wall time, status, error);
+- ``jobs.csv`` and the tables also carry the standard benchmarks a job was scored on with
+  ``ftlab.eval --lm-eval`` (its ``lm_eval.json``): one column per task and metric, such as
+  ``arc_easy/acc``, summarised over seeds like the others and tested against the baseline in
+  report.csv;
 - ``report.csv``: one row per configuration: how many seeds completed of how many expected, and
   for every numeric metric its mean, standard deviation, n and 95% confidence interval (Student
   t, n-1 dof), the learning-rate selection, and the paired t-test against the baseline;
@@ -37,9 +41,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftlab.compare import Config, baseline_config, collect, compare, group, task_metric
+from ftlab.compare import Config, baseline_config, collect, compare, group, lm_eval_metrics, task_metric
 from ftlab.console import CommandParser, quiet_third_party
 from ftlab.errors import UserError
+from ftlab.metrics.lm_harness import is_fraction
 from ftlab.plots import label_lifts as _label_lifts, pareto_front, plot_curves, plot_pareto
 from ftlab.stats import ALPHA, Summary
 from ftlab.training.dashboard import log_report, wandb_target
@@ -67,7 +72,7 @@ def _fmt(value: Any, column: str) -> str:
         return ""
     if isinstance(value, str):  # already formatted (a configuration table's cell)
         return value
-    if column in PERCENT:
+    if column in PERCENT or is_fraction(column):
         return f"{100 * value:.1f}%"
     if column == "trainable_params":
         return f"{value:,}"
@@ -115,7 +120,7 @@ def plans_table(root: Path) -> str:
 
 def job_row(job) -> dict[str, Any]:
     m = job.metrics
-    row = {c: m.get(c) for c in COLUMNS}
+    row = {c: m.get(c) for c in COLUMNS + job.lm_eval}
     row.update(job=str(job.path), lr=job.lr, seed=job.seed)
     if m.get("status") == "failed" and not m.get("method"):
         row["method"] = next((o.split("=", 1)[1] for o in m.get("overrides", [])
@@ -139,12 +144,19 @@ def _versus(comparisons, metric: str) -> dict[int, str]:
         if c.metric != metric:
             continue
         t = c.test
-        diff = f"{100 * t.mean_difference:+.1f} pt" if metric in PERCENT else f"{t.mean_difference:+.4f}"
+        diff = (f"{100 * t.mean_difference:+.1f} pt" if metric in PERCENT or is_fraction(metric)
+                else f"{t.mean_difference:+.4f}")
         if t.p is None:
             out[id(c.config)] = f"{diff} (no test: {t.pairs} pair)"
         else:
             out[id(c.config)] = f"{diff} (p={t.p:.3f}{', n.s.' if not t.significant(ALPHA) else ''})"
     return out
+
+
+def _after_task_metrics(columns: list[str], extra: list[str]) -> list[str]:
+    """``columns`` with ``extra`` (the lm-eval metrics) after the last validation task metric."""
+    at = max((i + 1 for i, c in enumerate(columns) if c in ("val_loss",) + OPTIONAL[:4]), default=len(columns))
+    return columns[:at] + extra + columns[at:]
 
 
 def _numeric_metrics(configs: list[Config]) -> list[str]:
@@ -202,10 +214,11 @@ def report(directory: Path, columns: list[str] | None = None, baseline: str | No
     if baseline and base is None:
         raise UserError(f"--baseline {baseline}: no completed job of method {baseline!r}; "
                         f"methods here: {', '.join(sorted({str(m) for m in methods}))}")
-    comparisons = compare(configs, base, tested) if base else []
+    benchmarks = lm_eval_metrics(jobs)
+    comparisons = compare(configs, base, tested + benchmarks) if base else []
 
     rows = [job_row(j) for j in jobs]
-    _write_csv(directory / "jobs.csv", rows, COLUMNS)
+    _write_csv(directory / "jobs.csv", rows, _after_task_metrics(COLUMNS, benchmarks))
     summary = summary_rows(configs, comparisons, base)
     fields = list(dict.fromkeys(k for r in summary for k in r))
     _write_csv(directory / "report.csv", summary, fields)
@@ -213,8 +226,8 @@ def report(directory: Path, columns: list[str] | None = None, baseline: str | No
     several = any(len(c.jobs) > 1 for c in configs) or any(c.missing for c in configs)
     notes = []
     if not several:
-        allowed = COLUMNS
-        columns = columns or [c for c in COLUMNS if c not in OPTIONAL + ("seed",)
+        allowed = _after_task_metrics(COLUMNS, benchmarks)
+        columns = columns or [c for c in allowed if c not in OPTIONAL + ("seed",)
                               or any(r.get(c) is not None and r.get(c) != "" for r in rows)]
         table_rows = rows
         if any(c.selected is not None for c in configs):
@@ -223,7 +236,7 @@ def report(directory: Path, columns: list[str] | None = None, baseline: str | No
                      "(run the sweep with seeds=N)")
     else:
         shown = [c for c in configs if c.selected is not False]
-        metrics = [m for m in SHOWN_METRICS if any(c.summary(m) for c in configs)]
+        metrics = [m for m in _after_task_metrics(SHOWN_METRICS, benchmarks) if any(c.summary(m) for c in configs)]
         # One column per tested metric: "vs lora (val_loss)", "vs lora (val_exact_match)".
         versus = {m: f"vs {base_name} ({m})" for m in tested} if base else {}
         allowed = ["config", *DESCRIBE, "seeds", *metrics, *versus.values()]
@@ -258,7 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(prog="python -m ftlab.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("directory", type=Path, help="a sweep (multirun) or run directory")
     parser.add_argument("--columns", help=f"comma-separated columns of the printed table (default: all "
-                                          f"that apply); any of {', '.join(COLUMNS)}")
+                                          f"that apply); any of {', '.join(COLUMNS)}, and TASK/METRIC "
+                                          "for the lm-eval benchmarks a job was scored on")
     parser.add_argument("--baseline", help="the method every other configuration is tested against "
                                             "(paired t-test over seeds; default: lora when present)")
     parser.add_argument("--wandb", action="store_true",
