@@ -20,6 +20,20 @@ TINY = ["model=tiny-llama", "trainer.max_steps=3", "trainer.val_check_interval=2
         "eval.max_examples=4", "data.batch_size=4", "logger=none"]
 
 
+# The tiny Llama's shapes (conf/model/tiny-llama.yaml): hidden 64, 4 attention heads of 16, 2
+# key/value heads, 2 layers. LoRA on its default targets adapts q_proj (64 -> 64) and v_proj
+# (64 -> 2 * 16 = 32) in each layer.
+TINY_LORA_LAYERS = 2 * [(64, 64), (64, 32)]
+# Every weight of the tiny Llama: the embeddings and the (untied) head, 272 x 64 each; the final
+# norm, 64; per layer q and o (64 x 64), k and v (64 x 32), gate, up and down (64 x 128), 2 norms.
+TINY_LLAMA_PARAMS = 2 * 272 * 64 + 64 + 2 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64)
+
+
+def tiny_lora_params(r: int) -> int:
+    """LoRA's trainable count on the tiny Llama: A (r x d_in) and B (d_out x r) per adapted layer."""
+    return sum(r * (d_in + d_out) for d_in, d_out in TINY_LORA_LAYERS)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             module: str = "ftlab", timeout: int = 300) -> subprocess.CompletedProcess:
     """``python -m ftlab ARGS`` in a subprocess, as a user would type it."""

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import TINY, assert_usage_error, run_cli
+from conftest import TINY, TINY_LLAMA_PARAMS, assert_usage_error, run_cli, tiny_lora_params
 
 REQUIRED_METRICS = {"val_loss_initial", "val_loss", "trainable_params", "total_params",
                     "tokens_per_second", "peak_memory_mb", "wall_time_s"}
@@ -25,7 +25,9 @@ def test_smoke_run_writes_everything(lora_run):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert REQUIRED_METRICS <= set(metrics)
     assert metrics["status"] == "completed" and metrics["steps"] == 3
-    assert isinstance(metrics["trainable_params"], int) and 0 < metrics["trainable_params"] < metrics["total_params"]
+    # conf/method/lora.yaml: r=8 on the tiny Llama's q_proj and v_proj (formula in conftest.py).
+    assert metrics["trainable_params"] == tiny_lora_params(8) == 3584
+    assert metrics["total_params"] == TINY_LLAMA_PARAMS + tiny_lora_params(8)
     assert metrics["tokens_per_second"] > 0 and metrics["peak_memory_mb"] > 0
     assert (run_dir / "config.yaml").is_file()
     assert (run_dir / "adapter" / "adapter_config.json").is_file()
@@ -54,10 +56,16 @@ def test_adapter_loads_in_plain_peft(lora_run):
 
     run_dir, _ = lora_run
     base, tok = load_model(ModelSettings(**_model_yaml("tiny-llama")), seed=42)
-    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
     ids = tok("### Instruction:\nhi\n\n### Response:\n", return_tensors="pt")
     with torch.no_grad():
-        assert torch.isfinite(model(**ids).logits).all()
+        before = base(**ids).logits.clone()
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter"))
+    model.eval()
+    with torch.no_grad():
+        after = model(**ids).logits
+        assert not torch.allclose(after, before, atol=1e-4), "the adapter changed no output"
+        with model.disable_adapter():  # the base under the adapter is the run's (seed 42) base
+            torch.testing.assert_close(model(**ids).logits, before, rtol=0, atol=0)
     trained_B = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert any(p.abs().sum() > 0 for p in trained_B), "lora_B stayed zero: nothing was trained"
 
@@ -77,7 +85,7 @@ def test_full_finetuning_saves_a_complete_model(tmp_path):
     proc = run_cli(*TINY, "method=full", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["trainable_params"] == metrics["total_params"]
+    assert metrics["trainable_params"] == metrics["total_params"] == TINY_LLAMA_PARAMS
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
@@ -109,8 +117,9 @@ def test_multirun_gives_each_job_its_own_directory(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted(sweep.glob("*/metrics.json"))
     assert len(results) == 2
-    ranks = sorted(json.loads(p.read_text())["r"] for p in results)
-    assert ranks == [2, 4]
+    # Each job trained its own rank: r * (d_in + d_out) per adapted layer (conftest.py).
+    counts = sorted(json.loads(p.read_text())["trainable_params"] for p in results)
+    assert counts == [tiny_lora_params(2), tiny_lora_params(4)] == [896, 1792]
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -4,7 +4,9 @@ reported at the end of training (and, with --base, before it)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
+import string
 from pathlib import Path
 
 import pytest
@@ -58,11 +60,19 @@ def test_eval_on_a_test_file(tmp_path_factory, tmp_path):
     rows = [{"instruction": "Add the two numbers.", "input": f"{a} + {a}", "output": str(2 * a)}
             for a in (3, 5, 7)]
     test.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    result = ftlab_eval.evaluate_run(run, data_file=str(test), samples=1)
-    assert result["data"] == str(test)
-    assert result["val_loss"] > 0 and 0 <= result["val_token_accuracy"] <= 1
-    assert 0 <= result["val_exact_match"] <= 1 and len(result["samples"]) == 1
-    assert result["samples"][0]["reference"] == "6"
+    result = ftlab_eval.evaluate_run(run, data_file=str(test), samples=3)
+    # The file's examples were scored (not the run's validation split), all three, in order.
+    assert [s["reference"] for s in result["samples"]] == ["6", "10", "14"]
+    assert result["val_loss"] != pytest.approx(recorded(run)["val_loss"], abs=1e-6)
+    # Exact match recomputed from the recorded answers (SQuAD's normalisation: lower case, no
+    # punctuation, articles or extra spaces).
+    def normal(text: str) -> str:
+        text = "".join(c for c in text.lower() if c not in string.punctuation)
+        return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+    matches = [normal(s["prediction"]) == normal(s["reference"]) for s in result["samples"]]
+    assert result["val_exact_match"] == pytest.approx(sum(matches) / 3)
+    assert result["val_perplexity"] == pytest.approx(math.exp(result["val_loss"]), rel=1e-5)
 
 
 def test_classification_run_reports_accuracy_and_f1(tmp_path_factory):

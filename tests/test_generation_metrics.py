@@ -1,5 +1,5 @@
-"""BLEU and ROUGE-L of greedy answers (ftlab/evaluate.py) against values worked out by hand,
-and in a real run's metrics.json, printed line and final table."""
+"""BLEU and ROUGE-L of greedy answers (ftlab/metrics/generation.py) against values worked out by hand,
+and in a run's metrics.json, printed line and final table, on a task the tiny model learns."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY, run_cli
 from ftlab.metrics.generation import bleu_score, rouge_l, score_generation
 
 
@@ -141,25 +140,59 @@ def test_score_generation_reports_all_four_scores_of_the_greedy_answers():
     assert got.rouge_l == pytest.approx((5 / 6 + 1) / 2, rel=1e-6)  # LCS "the cat on the mat"
 
 
-# ----------------------------------------------------------------------------- a real run
-def test_a_run_records_and_prints_bleu_and_rouge_l(tmp_path):
+# ------------------------------------------------------------- a run on a task it learns
+# Four instructions, each with its own answer. 60 steps of full fine-tuning teach the tiny Llama
+# all four (validation loss about 0.05; 45 steps already suffice). The greedy answers are cut at
+# eval.max_new_tokens=12 tokens, 12 bytes with the byte-level tokenizer: two come out whole and
+# two cut short, so every score lies strictly between 0 and 1, and is worked out by hand below.
+TASK = [("Name two colours.", "red and blue"), ("Name a city.", "paris"),
+        ("Greet me.", "hello there friend"), ("Name an animal.", "the quick fox")]
+CUT = ["red and blue", "paris", "hello there", "the quick fo"]  # the first 12 bytes, stripped
+# Exact match (SQuAD: articles dropped): 2 of 4.
+EXACT = 2 / 4
+# Answer F1 (bags of words, articles dropped): 1, 1; {hello there} vs {hello there friend}:
+# P = 1, R = 2/3, F = 0.8; {quick fo} vs {quick fox}: 1 of 2 each way, F = 0.5.
+F1 = (1 + 1 + 0.8 + 0.5) / 4
+# ROUGE-L: 1, 1; LCS(hello there, hello there friend) = 2: P = 1, R = 2/3, F = 0.8;
+# LCS(the quick fo, the quick fox) = 2: P = R = 2/3, F = 2/3.
+ROUGE_L = (1 + 1 + 0.8 + 2 / 3) / 4
+# Corpus BLEU: unigrams 8 matched of 9 (3 + 1 + 2 + 2); bigrams 4 of 5 -> (4+1)/(5+1); trigrams
+# 1 of 2 -> (1+1)/(2+1); no 4-grams -> 1; answers c = 9 tokens, references r = 10: BP = exp(1 - 10/9).
+BLEU = math.exp(1 - 10 / 9) * (8 / 9 * 5 / 6 * 2 / 3 * 1) ** 0.25
+
+
+@pytest.fixture
+def one_thread():
+    from tiny_runs import one_thread as body
+
+    yield from body()
+
+
+def test_a_run_that_learns_its_task_records_and_prints_its_scores(tmp_path, capsys, one_thread):
+    from tiny_runs import train_run
+
+    rows = [{"instruction": q, "output": a} for q, a in TASK]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows * 16))
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     # cache_before=false: both evaluations run and print here (tests/test_eval_cache.py covers reuse)
-    proc = run_cli(*TINY, "eval.cache_before=false", f"hydra.run.dir={tmp_path}", env={"OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
-    for key in ("val_bleu", "val_rouge_l", "val_bleu_initial", "val_rouge_l_initial"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    # The scores are those of the recorded answers (eval.show_samples >= eval.max_examples here).
+    metrics = train_run(tmp_path / "run", f"data.path={tmp_path / 'train.jsonl'}",
+                        f"data.val_path={tmp_path / 'val.jsonl'}", "method=full", "optimizer.lr=3e-3",
+                        "scheduler.name=constant", "trainer.max_steps=60", "trainer.val_check_interval=60",
+                        "eval.before=true", "eval.cache_before=false", "eval.max_examples=4",
+                        "eval.max_new_tokens=12", "eval.show_samples=4", "seed=0")
+    out = capsys.readouterr().out
     samples = metrics["samples"]
-    assert len(samples) == 4
-    preds, refs = [s["prediction"] for s in samples], [s["reference"] for s in samples]
-    assert metrics["val_bleu"] == pytest.approx(bleu_score(preds, refs), abs=1e-6)
-    assert metrics["val_rouge_l"] == pytest.approx(rouge_l(preds, refs), abs=1e-6)
-    held_out = [line for line in proc.stdout.splitlines() if line.startswith("Held-out")]
+    assert [s["reference"] for s in samples] == [a for _, a in TASK]
+    assert [s["prediction"] for s in samples] == CUT  # learned, then cut at 12 tokens
+    assert metrics["val_exact_match"] == pytest.approx(EXACT)
+    assert metrics["val_answer_f1"] == pytest.approx(F1, rel=1e-6)
+    assert metrics["val_rouge_l"] == pytest.approx(ROUGE_L, rel=1e-6)
+    assert metrics["val_bleu"] == pytest.approx(BLEU, rel=1e-6)
+    # Printed: one line per evaluation, and the before/after table with the recorded values.
+    held_out = [line for line in out.splitlines() if line.startswith("Held-out")]
     assert len(held_out) == 2 and all("BLEU" in line and "ROUGE-L" in line for line in held_out)
-    table = proc.stdout[proc.stdout.index("Result on the held-out split:"):]
-    for key in ("val_bleu", "val_rouge_l"):
+    table = out[out.index("Result on the held-out split:"):]
+    for key, value in (("val_bleu", BLEU), ("val_rouge_l", ROUGE_L)):
         row = re.search(rf"^\s+{key}\s+(\S+)\s+(\S+)$", table, re.M)
         assert row, table
-        before, after = metrics[key + "_initial"], metrics[key]
-        assert (row.group(1), row.group(2)) == (f"{before:.1%}", f"{after:.1%}")
+        assert (row.group(1), row.group(2)) == (f"{metrics[key + '_initial']:.1%}", f"{value:.1%}")

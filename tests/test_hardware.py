@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import TINY, assert_usage_error, run_cli
@@ -130,12 +131,10 @@ def test_gpu_hardware_without_a_gpu_says_so(tmp_path):
                                                    tmp_path=tmp_path)
 
 
-def test_quantized_base_cannot_be_sharded_even_in_a_plan(tmp_path):
-    for quantized in (["model.quantization=nf4"], ["method=qlora"] if _has_method("qlora") else []):
-        if quantized:
-            message = refusal("model=tiny-llama", *quantized, "hardware=fsdp", "dry_run=true",
-                              tmp_path=tmp_path)
-            assert "nf4" in message and "fsdp" in message, message
+@pytest.mark.parametrize("quantized", ["model.quantization=nf4", "method=qlora"])
+def test_quantized_base_cannot_be_sharded_even_in_a_plan(quantized, tmp_path):
+    message = refusal("model=tiny-llama", quantized, "hardware=fsdp", "dry_run=true", tmp_path=tmp_path)
+    assert "nf4" in message and "fsdp" in message, message
 
 
 def refusal(*args: str, tmp_path: Path) -> str:
@@ -147,12 +146,6 @@ def refusal(*args: str, tmp_path: Path) -> str:
         preflight([*args, f"hydra.run.dir={tmp_path / 'never'}"])
     assert not (tmp_path / "never").exists()
     return str(err.value)
-
-
-def _has_method(name: str) -> bool:
-    from ftlab.methods import available
-
-    return name in available()
 
 
 def test_bf16_on_a_cpu_without_it_is_refused(monkeypatch):
@@ -254,14 +247,37 @@ def test_gradient_checkpointing_same_gradients_less_saved_memory():
         assert torch.allclose(grads[name], grads_ckpt[name], atol=1e-6), name
 
 
+class RunProbe(L.Callback):
+    """Added to the run below as a user callback (``+callbacks``): records, per training batch,
+    whether each decoder layer of the model being trained recomputes itself in backward, and
+    counts the optimizer steps."""
+
+    batches: list[list[bool]] = []
+    optimizer_steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in pl_module.modules() if isinstance(m, GradientCheckpointingLayer)]
+        RunProbe.batches.append([bool(m.gradient_checkpointing and m.training) for m in layers])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        RunProbe.optimizer_steps.append(trainer.global_step)
+
+
 def test_gradient_checkpointing_and_accumulation_in_a_run(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_cli(*TINY, "hardware.gradient_checkpointing=true", "trainer.accumulate_grad_batches=2",
-                   "trainer.max_steps=2", "eval.before=false", "eval.generate=false",
-                   f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and metrics["gradient_checkpointing"] is True
+    """The run (in this process, the real pipeline) checkpoints both decoder layers of the tiny
+    Llama and steps the optimizer once per two micro-batches."""
+    from tiny_runs import train_run
+
+    RunProbe.batches.clear()
+    RunProbe.optimizer_steps.clear()
+    metrics = train_run(tmp_path / "run", "hardware.gradient_checkpointing=true",
+                        "trainer.accumulate_grad_batches=2", "trainer.max_steps=2", "eval.generate=false",
+                        f"+callbacks.probe._target_={__name__}.RunProbe")
+    assert RunProbe.batches == 4 * [[True, True]]  # 2 steps x 2 micro-batches, 2 layers each
+    assert RunProbe.optimizer_steps == [0, 1]
+    assert metrics["steps"] == 2
     # One token-weighted loss per optimizer step (each the mean over its two micro-batches).
     assert [step for step, _ in metrics["train_loss_history"]] == [1, 2]
 

@@ -108,18 +108,28 @@ def test_tiny_families_build_in_code(name, labels):
 
 
 # ------------------------------------------------------------------------------ CLI runs
-@pytest.mark.parametrize("extra", [["model=tiny-gpt2"], ["model=tiny-bert", "data=classification"],
-                                   ["model=tiny-bert", "data=classification", "method=adapter"],
-                                   ["model=tiny-gpt2", "method=lora", "method.backend=native"]],
-                         ids=["gpt2-lora", "bert-lora", "bert-adapter", "gpt2-native-lora"])
-def test_cli_runs_on_each_family(extra, tmp_path):
+# Trainable counts, hidden 64 and 2 layers in each tiny family: LoRA r=8 is r * (in + out) per
+# adapted layer, GPT-2's fused c_attn 64 -> 192, BERT's query and value 64 -> 64; a Houlsby
+# adapter (bottleneck 64) after BERT's attention output and feed-forward output is
+# 64*64 + 64 + 64*64 + 64 = 8320 each; BERT's new classification head 64 x 2 + 2 trains too.
+HEAD = 64 * 2 + 2
+
+
+@pytest.mark.parametrize("extra,trainable", [
+    (["model=tiny-gpt2"], 2 * 8 * (64 + 192)),
+    (["model=tiny-bert", "data=classification"], 2 * 2 * 8 * (64 + 64) + HEAD),
+    (["model=tiny-bert", "data=classification", "method=adapter"], 2 * 2 * 8320 + HEAD),
+    (["model=tiny-gpt2", "method=lora", "method.backend=native"], 2 * 8 * (64 + 192)),
+], ids=["gpt2-lora", "bert-lora", "bert-adapter", "gpt2-native-lora"])
+def test_cli_runs_on_each_family(extra, trainable, tmp_path):
     proc = run_cli(*TINY, *extra, f"hydra.run.dir={tmp_path}/run")
     assert proc.returncode == 0, proc.stderr[-2000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["status"] == "completed"
-    assert metrics["trainable_params"] > 0
+    assert metrics["trainable_params"] == trainable
     if "data=classification" in extra:
-        assert 0 <= metrics["val_accuracy"] <= 1
+        # A fraction of the 40 held-out sentences (0.1 x 400): k / 40 for a whole k.
+        assert any(metrics["val_accuracy"] == pytest.approx(k / 40, abs=1e-6) for k in range(41))
         # The classification head is new: it trains with the adapter, and is saved with it.
         from safetensors.torch import load_file
 

@@ -46,12 +46,20 @@ def test_the_bitsandbytes_options_are_there():
 
 @pytest.mark.parametrize("option", OPTIONS)
 def test_every_option_composes_and_builds_over_parameter_groups(option, tmp_path):
+    """One step over two groups, as FinetuneModule builds them (the first with the settings'
+    rate and decay, the second a LoRA+-style group of its own), from p = 1 with gradient 1:
+    each parameter moves to 1 - lr * (1 + wd) with its own group's values. (AdamW's first step
+    is lr * g / (|g| + eps) plus the decoupled decay lr * wd * p; SGD's is lr * (g + wd * p),
+    its momentum buffer starting at the gradient. All tensors here are below bitsandbytes'
+    min_8bit_size, so its optimizers keep 32-bit moments and step like torch's.)"""
     s = settings_for(option, "optimizer.lr=2e-3", "optimizer.weight_decay=0.1", tmp=tmp_path)
-    assert (s.optimizer.lr, s.optimizer.weight_decay) == (2e-3, 0.1)
-    a, b = nn.Parameter(torch.zeros(4, 4)), nn.Parameter(torch.zeros(4))
-    opt = s.optimizer.factory([{"params": [a], "lr": 2e-3, "weight_decay": 0.1},
+    a, b = nn.Parameter(torch.ones(4, 4)), nn.Parameter(torch.ones(4))
+    opt = s.optimizer.factory([{"params": [a], "lr": s.optimizer.lr, "weight_decay": s.optimizer.weight_decay},
                                {"params": [b], "lr": 3.2e-2, "weight_decay": 0.0}])
-    assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(2e-3, 0.1), (3.2e-2, 0.0)]
+    a.grad, b.grad = torch.ones(4, 4), torch.ones(4)
+    opt.step()
+    torch.testing.assert_close(a.detach(), torch.full((4, 4), 1 - 2e-3 * 1.1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(b.detach(), torch.full((4,), 1 - 3.2e-2), rtol=0, atol=1e-6)
     # Plain Python values only: a checkpoint of them loads with torch.load(weights_only=True).
     for group in opt.param_groups:
         values = [v for k, v in group.items() if k != "params"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
@@ -20,7 +19,9 @@ def smollm2_settings() -> ModelSettings:
     return ModelSettings(**yaml.safe_load((config_dir() / "model" / "smollm2-135m.yaml").read_text()))
 
 
-def test_gguf_converts_once_then_reloads_fast_with_identical_logits(tmp_path, monkeypatch):
+def test_gguf_converts_once_then_reloads_from_the_cache_with_identical_logits(tmp_path, monkeypatch):
+    """(How fast the cached load is: bench/, not a test on a shared machine.)"""
+    import ftlab.models.loading as loading
     from ftlab.models import load_model
 
     monkeypatch.setenv("FTLAB_CACHE", str(tmp_path / "cache"))
@@ -29,10 +30,11 @@ def test_gguf_converts_once_then_reloads_fast_with_identical_logits(tmp_path, mo
     assert (cached / "config.json").is_file() and list(cached.glob("*.safetensors"))
     assert "quantization_config" not in json.loads((cached / "config.json").read_text())
 
-    start = time.perf_counter()
+    def converted_again(*args, **kwargs):
+        raise AssertionError("the GGUF file was converted a second time")
+
+    monkeypatch.setattr(loading, "_convert_gguf", converted_again)
     reloaded, _ = load_model(smollm2_settings())
-    reload_s = time.perf_counter() - start
-    assert reload_s < 3.0, f"cached load took {reload_s:.1f} s"
 
     ids = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():

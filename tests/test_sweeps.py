@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY, assert_usage_error, run_cli
+from conftest import TINY, assert_usage_error, run_cli, tiny_lora_params
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -24,13 +24,12 @@ def sweep(tmp_path_factory) -> tuple[Path, object]:
 def test_a_failing_job_is_recorded_and_the_rest_still_run(sweep):
     sweep_dir, proc = sweep
     assert proc.returncode == 0, proc.stderr[-3000:]
-    jobs = {json.loads(p.read_text())["status"]: json.loads(p.read_text())
-            for p in sweep_dir.glob("*/metrics.json")}
     results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/metrics.json"))]
     assert [r["status"] for r in results] == ["failed", "completed", "completed"]
     assert "method.r must be a positive integer, got 0" in results[0]["error"]
-    assert [r["r"] for r in results[1:]] == [2, 4]
-    assert jobs  # every job left a metrics.json in its own directory
+    # The jobs trained ranks 2 and 4: r * (d_in + d_out) per adapted layer (conftest.py).
+    assert [r["trainable_params"] for r in results[1:]] == [tiny_lora_params(2), tiny_lora_params(4)]
+    # every job left a metrics.json in its own directory
     assert len({p.parent for p in sweep_dir.glob("*/metrics.json")}) == 3
 
 
@@ -256,6 +255,7 @@ def test_lr_per_method_sweep_searches_around_each_default_and_the_report_selects
     for path in sorted(sweep_dir.glob("*/metrics.json")):
         m = json.loads(path.read_text())
         lrs.setdefault(m["method"], []).append(m["lr"])
+    assert sorted(lrs) == ["lora", "vera"]
     for method, got in lrs.items():
         own = float(OmegaConf.load(config_dir() / "method" / f"{method}.yaml")["lr"])
         assert got == pytest.approx([own / 3, own, 3 * own], rel=1e-9), method

@@ -69,10 +69,12 @@ def test_when_the_last_validation_is_best_no_second_adapter_is_written(tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = metrics(tmp_path / "run")
     history = [h["val_loss"] for h in m["val_history"] if h["step"] > 0]
-    if m["best"]["step"] == m["steps"]:
-        assert m["best"]["adapter"] == "adapter" and not (tmp_path / "run" / "best_adapter").exists()
-    else:  # a random tiny model may also get worse at the end
-        assert m["best"]["value"] == pytest.approx(min(history), rel=1e-6)
+    # The premise (seeded, so the same on every run): LoRA at its own small rate (1e-3) lowers
+    # the validation loss at every check of these 4 steps, so the last validation is the best.
+    assert history == sorted(history, reverse=True) and len(history) == 2, history
+    assert m["best"]["step"] == m["steps"] == 4
+    assert m["best"]["value"] == pytest.approx(history[-1], rel=1e-6)
+    assert m["best"]["adapter"] == "adapter" and not (tmp_path / "run" / "best_adapter").exists()
 
 
 def test_classification_monitors_accuracy_and_maximises_it(tmp_path):

@@ -15,12 +15,14 @@ from conftest import REPO
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
     root = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(root / "dist"),
-                    str(REPO)], check=True, capture_output=True, timeout=300)
+    # No build isolation: the backend (hatchling, in the dev extra) comes from this environment,
+    # not from the package index, so the test needs no network.
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-q", "-w", str(root / "dist"), str(REPO)], check=True, capture_output=True, timeout=300)
     wheel = next((root / "dist").glob("ftlab-*.whl"))
     target = root / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                    str(wheel)], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True, timeout=300)
     return root, target
 
 

@@ -50,7 +50,10 @@ def test_builtin_split_is_seeded_and_disjoint():
     s = DataSettings(name="tasks", path="builtin:tasks.jsonl", val_fraction=0.1, seed=0)
     a, b = DataModule(s), DataModule(s)
     a.check_files(), b.check_files()
-    assert a.val_records == b.val_records and len(a.val_records) == 40
+    # val_fraction of the file's records, rounded: 0.1 x 396 lines = 39.6 -> 40.
+    assert len(a.val_records) == round(0.1 * _lines("tasks.jsonl")) == 40
+    assert len(a.train_records) == _lines("tasks.jsonl") - 40
+    assert a.val_records == b.val_records
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
     assert not {key(r) for r in a.val_records} & {key(r) for r in a.train_records}
     other = DataModule(DataSettings(name="tasks", path="builtin:tasks.jsonl", seed=1))
@@ -58,13 +61,27 @@ def test_builtin_split_is_seeded_and_disjoint():
     assert other.val_records != a.val_records
 
 
-@pytest.mark.parametrize("name,fmt,n", [("builtin:tasks.jsonl", "instruction", 396),
-                                        ("builtin:chat.jsonl", "chat", 396),
-                                        ("builtin:sentiment.jsonl", "classification", 400),
-                                        ("builtin:corpus", "text", 5)])
-def test_builtin_data_ships_and_validates(name, fmt, n):
-    dm = datamodule(name, format=fmt)
-    assert len(dm.train_records) + len(dm.val_records) == n
+def _lines(name: str) -> int:
+    """Non-blank lines of a shipped JSON Lines file: its records, counted without ftlab's reader."""
+    from ftlab.data.records import builtin_dir
+
+    return sum(1 for line in (builtin_dir() / name).read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def _documents(name: str) -> int:
+    from ftlab.data.records import builtin_dir
+
+    return len(list((builtin_dir() / name).glob("*.txt")))
+
+
+@pytest.mark.parametrize("name,fmt,count", [("tasks.jsonl", "instruction", _lines),
+                                            ("chat.jsonl", "chat", _lines),
+                                            ("sentiment.jsonl", "classification", _lines),
+                                            ("corpus", "text", _documents)])
+def test_builtin_data_ships_and_validates(name, fmt, count):
+    """Every record of the shipped file (every document of the corpus) is read and valid."""
+    dm = datamodule(f"builtin:{name}", format=fmt)
+    assert len(dm.train_records) + len(dm.val_records) == count(name) > 1
 
 
 def test_builtin_generator_is_deterministic():
@@ -77,6 +94,7 @@ def test_builtin_generator_is_deterministic():
     assert chats == chat_records(generate())
     rows = sentiment()
     assert [json.loads(line) for line in (builtin_dir() / "sentiment.jsonl").read_text().splitlines()] == rows
+    # sentiment()'s contract: n=400 distinct sentences, the labels alternating (balanced).
     assert len({r["text"] for r in rows}) == len(rows) == 400
     assert sum(r["label"] == "positive" for r in rows) == 200
 
@@ -101,7 +119,8 @@ def test_text_from_a_file_a_directory_a_glob_and_records(tmp_path):
 def test_text_split_holds_out_blocks(tmp_path, tok):
     (tmp_path / "doc.txt").write_text("word " * 200)
     dm = datamodule(tmp_path / "doc.txt", tok, "text", max_length=50, val_fraction=0.25)
-    assert len(dm.val_set) == 5 and len(dm.train_set) == 16  # 1001 tokens -> 21 blocks
+    # 1000 bytes + <eos> = 1001 tokens -> 21 blocks of 50; 0.25 x 21 = 5.25 -> 5 held out.
+    assert len(dm.val_set) == 5 and len(dm.train_set) == 16
     lengths = sorted(len(e["input_ids"]) for e in dm.train_set + dm.val_set)
     assert lengths == [1] + [50] * 20  # 1000 bytes + <eos>, cut into blocks of 50
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hydra import compose, initialize_config_dir
 
 from ftlab.settings import config_dir, settings_from_config
@@ -26,7 +27,11 @@ def test_classification_reports_accuracy_and_f1(tmp_path, capsys):
     r = run(tmp_path, "data=classification")
     assert {"val_accuracy", "val_f1", "val_accuracy_initial", "val_f1_initial"} <= set(r)
     assert "val_exact_match" not in r and "val_perplexity" not in r
-    assert 0 <= r["val_accuracy"] <= 1 and r["data_stats"]["train"]["label_tokens"] == r["train_examples"]
+    assert r["data_stats"]["train"]["label_tokens"] == r["train_examples"]  # one label per example
+    # A fraction of the held-out sentences (0.1 x 400 = 40): k / 40 for a whole k.
+    n_val = r["data_stats"]["val"]["examples"]
+    assert n_val == 40
+    assert any(r["val_accuracy"] == pytest.approx(k / n_val, abs=1e-6) for k in range(n_val + 1))
     out = capsys.readouterr().out
     assert "labels: negative, positive" in out and "val_accuracy" in out and "val_f1" in out
 

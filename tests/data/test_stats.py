@@ -26,6 +26,9 @@ def _rows():
     return rows
 
 
+# The byte-level tokenizer gives one token per byte, and <eos> after the response: the 1st
+# example fits (49), the 2nd (79) and the 3rd (prompt 70 + 38 - 5 bytes) are over 64. Truncated,
+# the 2nd keeps 64 - 38 = 26 response tokens and the 3rd none (dropped); with "drop" both go.
 @pytest.mark.parametrize("over_length,kept,truncated,dropped", [("truncate", 2, 2, 1), ("drop", 1, 2, 2)])
 def test_over_long_examples_are_truncated_or_dropped_and_reported(tmp_path, tok, over_length, kept,
                                                                   truncated, dropped):
@@ -60,11 +63,33 @@ def test_statistics_and_padding_efficiency_by_formula():
     assert packed.padding_efficiency == 1.0 and packed.rows == 2
 
 
+def _real_over_computed(loader) -> float:
+    """Padding efficiency measured on the batches a loader really yields."""
+    real = computed = 0
+    for batch in loader:
+        real += int(batch["attention_mask"].sum())
+        computed += batch["attention_mask"].numel()
+    return real / computed
+
+
 def test_builtin_statistics_are_printed(tok):
+    import torch
+
+    from ftlab.data.records import builtin_dir
+
     dm = datamodule("builtin:tasks.jsonl", tok)
     text = dm.describe()
-    assert "train       356" in text and "val          40" in text
+    # The file's records, val_fraction 0.1 of them held out, rounded: 396 lines -> 39.6 -> 40.
+    n = sum(1 for line in (builtin_dir() / "tasks.jsonl").read_text().splitlines() if line.strip())
+    assert (n, round(0.1 * n)) == (396, 40)
+    assert f"train  {n - 40:>8}" in text and f"val    {40:>8}" in text
     assert "response-only loss; dynamic padding" in text
-    st = dm.stats["train"]
+    st, val = dm.stats["train"], dm.stats["val"]
     assert st.tokens == sum(len(e["input_ids"]) for e in dm.train_set)
-    assert 0 < st.padding_efficiency < 1 and st.label_tokens < st.tokens
+    assert st.label_tokens == sum(t != IGNORE_INDEX for e in dm.train_set for t in e["labels"])
+    # Validation batches come in file order: the statistic is what its loader computes, exactly.
+    assert val.padding_efficiency == pytest.approx(_real_over_computed(dm.val_dataloader()), rel=1e-12)
+    # The training statistic predicts one shuffled epoch (random.Random(seed)); the loader shuffles
+    # the same examples with torch's generator, another order: within 1% (0.764 and 0.761 here).
+    torch.manual_seed(0)
+    assert st.padding_efficiency == pytest.approx(_real_over_computed(dm.train_dataloader()), abs=0.01)

@@ -21,7 +21,7 @@ from ftlab.models import load_model, meta_model
 from ftlab.models.loading import check_quantization
 from ftlab.training.module import FinetuneModule
 
-from .tiny import ARCH, BAD_CONTEXT, BAD_VALUES, build, tiny_settings
+from .tiny import ARCH, BAD_CONTEXT, BAD_VALUES, build, method_kwargs, tiny_settings
 
 PEFT_METHODS = ["dora", "pissa", "lora_plus", "vera", "qlora", "adalora", "ia3", "loha", "lokr",
                 "prompt_tuning", "p_tuning", "prefix_tuning"]
@@ -116,8 +116,12 @@ def test_ia3_auto_on_a_model_type_peft_has_no_targets_for():
 def test_ia3_auto_takes_keys_values_and_the_feed_forward_input_on_llama(tiny_model):
     model = build("ia3").apply(tiny_model(), 10)
     config = model.peft_config["default"]
-    assert set(config.target_modules) == {"k_proj", "v_proj", "down_proj"}
-    assert set(config.feedforward_modules) == {"down_proj"}
+    # peft's own per-architecture defaults for (IA)^3 on Llama (its constants, not ftlab's).
+    from peft.utils.constants import (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+                                      TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS)
+
+    assert set(config.target_modules) == set(TARGETS["llama"]) == {"k_proj", "v_proj", "down_proj"}
+    assert set(config.feedforward_modules) == set(FEEDFORWARD["llama"]) == {"down_proj"}
     down = model.base_model.model.model.layers[0].mlp.down_proj
     assert down.is_feedforward and down.ia3_l["default"].shape == (1, ARCH["intermediate_size"])
     assert torch.equal(down.ia3_l["default"], torch.ones_like(down.ia3_l["default"]))  # init 1
@@ -242,7 +246,10 @@ def test_adalora_allocates_ranks_in_lightning_with_the_gradients_still_present(t
 def test_adalora_schedule_is_a_fraction_of_the_true_total(tiny_model):
     model = build("adalora").apply(tiny_model(), 1000)
     c = model.peft_config["default"]
-    assert (c.total_step, c.tinit, c.tfinal, c.deltaT) == (1000, 150, 500, 5)
+    # The fractions of conf/method/adalora.yaml (0.15, 0.5, 0.005) of 1000 steps.
+    kw = method_kwargs("adalora")
+    expected = [round(kw[f] * 1000) for f in ("tinit_fraction", "tfinal_fraction", "delta_t_fraction")]
+    assert [c.total_step, c.tinit, c.tfinal, c.deltaT] == [1000, *expected] == [1000, 150, 500, 5]
     assert (c.init_r, c.target_r, c.orth_reg_weight) == (12, 8, 0.1)
 
 
@@ -281,7 +288,11 @@ def test_qlora_trains_lora_over_an_nf4_base_on_the_cpu(batch):
     assert isinstance(q_proj, bnb.nn.Linear4bit)
     assert q_proj.weight.quant_type == "nf4" and q_proj.weight.quant_state.nested  # double quantization
     model = method.apply(base, 10)
-    assert model.peft_config["default"].r == 64 and model.peft_config["default"].lora_alpha == 16
+    # The QLoRA paper's setting (Dettmers et al., arXiv 2305.14314, appendix: r = 64, alpha = 16
+    # on every linear layer): A of q_proj is 64 x hidden, its update scaled by alpha / r = 1/4.
+    lora_q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert lora_q.lora_A["default"].weight.shape == (64, ARCH["hidden_size"])
+    assert lora_q.scaling["default"] == 16 / 64
     assert model.is_gradient_checkpointing
     model.train()
     model(**batch).loss.backward()
@@ -370,6 +381,7 @@ def test_vera_adapts_layers_of_different_shapes_from_one_shared_pair(tiny_model)
     lambda_d = [p for n, p in model.named_parameters() if "vera_lambda_d" in n]
     assert len(lambda_b) == 7 * ARCH["num_hidden_layers"]
     assert all(torch.equal(p, torch.zeros_like(p)) for p in lambda_b)
+    # d starts at d_initial = 0.1, the VeRA paper's (Kopiczko et al., arXiv 2310.11454) and peft's.
     assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in lambda_d)
 
 

@@ -2,7 +2,7 @@
 tiny Llama, through Lightning as a run trains (``FinetuneModule``, ``Trainer(precision=...)``,
 ``keep_trainable_in_fp32``):
 
-1. a few optimizer steps give a finite loss in 32-true, bf16-mixed and bf16-true;
+1. a few optimizer steps in bf16-mixed and bf16-true give the losses of 32-true, to bf16 rounding;
 2. the trainable set (names and shapes) is the same in the three precisions;
 3. the saved artifact, loaded onto a fresh base by ftlab (``Method.load``), and by plain peft
    where it is peft's format, gives the trained model's validation loss, within TOLERANCE.
@@ -46,6 +46,11 @@ REEXPRESSED = {"pissa", "delta_lora", "p_tuning", "prefix_tuning"}
 TOLERANCE = {"32-true": 1e-5, "bf16-mixed": 1e-3, "bf16-true": 1e-3}
 REEXPRESSED_TOLERANCE = {"32-true": 1e-5, "bf16-mixed": 1e-2, "bf16-true": 1e-2}
 LR = 1e-2
+# bf16 against 32-true, absolute, on losses of about 6.9 nats (measured maxima in brackets): the
+# first training loss 0.02 (6.7e-3, prefix tuning in bf16-true); the validation loss after the
+# steps 0.2 (7.1e-2, LoRA+ in bf16-mixed, whose B steps at 16 x LR).
+FIRST_LOSS_TOLERANCE = 0.02
+VAL_LOSS_TOLERANCE = 0.2
 
 
 def train_batches() -> DataLoader:
@@ -105,10 +110,15 @@ MATRIX = [(case, precision) for case, _, _ in CASES for precision in PRECISIONS]
 
 
 @pytest.mark.parametrize("case,precision", MATRIX, ids=[f"{c}-{p}" for c, p in MATRIX])
-def test_trains_with_a_finite_loss(case, precision):
-    t = trained(case, precision)
+def test_trains_with_the_loss_of_the_fp32_run(case, precision):
+    """The first loss is taken before any update, on the same weights and batch: it differs from
+    the 32-true one by bf16 rounding only. The validation loss after the steps differs by that
+    rounding carried through two updates. A precision that broke training (a NaN, a wrong cast,
+    a weight left out of the update) is far outside both."""
+    t, reference = trained(case, precision), trained(case, "32-true")
     assert len(t["losses"]) == STEPS and all(math.isfinite(x) for x in t["losses"]), t["losses"]
-    assert math.isfinite(t["val_loss"])
+    assert t["losses"][0] == pytest.approx(reference["losses"][0], abs=FIRST_LOSS_TOLERANCE)
+    assert t["val_loss"] == pytest.approx(reference["val_loss"], abs=VAL_LOSS_TOLERANCE)
 
 
 @pytest.mark.parametrize("case", [c for c, _, _ in CASES])
