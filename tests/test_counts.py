@@ -74,6 +74,7 @@ def test_dry_run_warns_for_prefix_tuning_on_llama2_7b_and_not_for_lora(tmp_path)
     ("model.layer10.weight", "model.layer10"),  # digits inside a name are not an index
     ("model.layers.0.self_attn.q_proj.vera_lambda_b", "model.layers.*.self_attn.q_proj.vera_lambda_b"),
     ("model.embed_tokens.weight", "model.embed_tokens"),
+    ("model.defaults.weight", "model.defaults"),  # ".default" only as a whole path part
 ])
 def test_module_type_folds_indices_and_drops_wrappers(name, expected):
     from ftlab.planning.counts import module_type
@@ -123,6 +124,22 @@ def test_share_warning_starts_above_5_percent_and_names_the_share():
     assert share_warning(_method(True), "m", 6, 100) == (
         "Warning: method m trains 6.0% of the model's parameters, more than 5%: not parameter-efficient "
         "at this size (see the trainable module types)")
+
+
+def test_summary_of_a_hand_counted_model():
+    from ftlab.planning.counts import parameter_summary
+
+    # 8 + 8 trainable of 16 + 8 = 24 parameters: 66.6667%.
+    assert parameter_summary(_Layers(), "m") == "\n".join([
+        "Parameters (m): trainable 16 / total 24 (66.6667%)",
+        "  trainable module type tensors        params",
+        "  layers.*                    2             8",
+        "  head                        1             8",
+    ])
+    one = torch.nn.Linear(1, 1, bias=False)  # one parameter: 100%, not 50%
+    assert parameter_summary(one, "m").splitlines()[0] == "Parameters (m): trainable 1 / total 1 (100.0000%)"
+    frozen = torch.nn.Linear(2, 2).requires_grad_(False)
+    assert parameter_summary(frozen, "none") == "Parameters (none): trainable 0 / total 6 (0.0000%)"
 
 
 def test_held_dtypes_of_int_and_empty_groups():
