@@ -354,6 +354,35 @@ def test_validation_loss_is_token_weighted_and_perplexity_is_exp_of_it():
     assert got["val/token_accuracy"] == pytest.approx(correct / 15)
 
 
+def test_classification_validation_accuracy_macro_f1_and_one_history_point_per_step():
+    """Class logits of 2 + 2 examples, worked by hand: predictions 0, 1, 0, 1 for labels 0, 0, 0, 1;
+    accuracy 3/4; F1 of class 0 = 2*2 / (2*2 + 0 + 1) = 4/5, of class 1 = 2*1 / (2*1 + 1 + 0) = 2/3."""
+    l1, l2 = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    l3 = torch.tensor([[0.0, 5.0]])
+    y1, y2, y3 = torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([1])
+
+    def ce(logits, y):
+        return sum(math.log(sum(math.exp(v) for v in row)) - row[c] for row, c in zip(logits.tolist(), y.tolist()))
+
+    module = FinetuneModule(_FixedLogits([l1, l2, l3]), _NoMethod(), OptimizerSettings(factory=torch.optim.SGD, lr=0.1),
+                            SchedulerSettings(name="constant"), 1, num_classes=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+    def validate(*pairs):
+        batches = [{"input_ids": torch.zeros(len(y), 3, dtype=torch.long), "labels": y} for y in pairs]
+        return trainer.validate(module, dataloaders=DataLoader(batches, batch_size=None), verbose=False)[0]
+
+    got = validate(y1, y2)
+    assert set(got) == {"val/loss", "val/accuracy", "val/f1"}
+    assert got["val/loss"] == pytest.approx((ce(l1, y1) + ce(l2, y2)) / 4, rel=1e-6)
+    assert got["val/accuracy"] == pytest.approx(3 / 4) and got["val/f1"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    assert module.val_history == [{"step": 0, "val_loss": pytest.approx(got["val/loss"]),
+                                   "val_accuracy": pytest.approx(3 / 4), "val_f1": pytest.approx((4 / 5 + 2 / 3) / 2)}]
+    again = validate(y3)  # sums start afresh; the same step replaces its history point
+    assert again["val/loss"] == pytest.approx(ce(l3, y3), rel=1e-6) and again["val/accuracy"] == 1.0
+    assert len(module.val_history) == 1 and module.val_history[0]["val_loss"] == pytest.approx(ce(l3, y3), rel=1e-6)
+
+
 # ---------------------------------------------------------------- the real model
 @pytest.mark.slow
 def test_chunked_loss_equals_the_models_own_on_smollm2():
