@@ -5,6 +5,8 @@
 #
 #   bash bench/mutation.sh                  # all modules, fresh ./mutants
 #   bash bench/mutation.sh collate loss     # some modules (names below), reusing ./mutants
+#   bash bench/mutation.sh --survivors loss # only the mutants of a module that were not killed
+#                                           # last time (after adding tests)
 #
 # Environment: MUTATION_JOBS (parallel mutants, default 2), MUTATION_LOCK (a file to flock
 # around each module's run, for a machine shared with other heavy jobs).
@@ -36,7 +38,9 @@ declare -A GLOBS=(
 )
 ORDER=(counts collate loss generation module common lora lora_fa vera delta_lora adapter)
 
-if [ $# -eq 0 ]; then
+SURVIVORS=0
+if [ "${1:-}" = "--survivors" ]; then SURVIVORS=1; shift; fi
+if [ $# -eq 0 ] && [ $SURVIVORS = 0 ]; then
   rm -rf mutants
   set -- "${ORDER[@]}"
 fi
@@ -44,6 +48,12 @@ lock() { if [ -n "${MUTATION_LOCK:-}" ]; then flock "$MUTATION_LOCK" "$@"; else 
 for name in "$@"; do
   [ -n "${GLOBS[$name]:-}" ] || { echo "unknown module $name (one of: ${ORDER[*]})" >&2; exit 2; }
   echo "== $name"
+  if [ $SURVIVORS = 1 ]; then
+    mapfile -t names < <(python bench/mutation_report.py --survivors "$name")
+    [ ${#names[@]} -gt 0 ] || { echo "   no survivors"; continue; }
+    lock mutmut run --max-children "$JOBS" "${names[@]}"
+    continue
+  fi
   # shellcheck disable=SC2086  # the globs are split on purpose and quoted for mutmut by set -f
   (set -f; lock mutmut run --max-children "$JOBS" ${GLOBS[$name]})
 done

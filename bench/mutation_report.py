@@ -7,6 +7,7 @@ of those explained as equivalent, and the score ``killed / (mutants - equivalent
 
     python bench/mutation_report.py            # markdown table
     python bench/mutation_report.py --list     # also every mutant that was not killed
+    python bench/mutation_report.py --survivors loss   # names of loss.py's mutants not killed
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _MODULE_METRICS = ("training_step", "_weight_by_tokens", "on_before_optimizer_step", "validation_step",
                    "on_validation_epoch_end", "throughput")
 MODULES = {
+    # label: (file, globs); bench/mutation.sh's short names are the file names without .py
     "methods/native/common.py": ("ftlab/methods/native/common.py", ["*"]),
     "methods/native/lora.py": ("ftlab/methods/native/lora.py", ["*"]),
     "methods/native/lora_fa.py": ("ftlab/methods/native/lora_fa.py", ["*"]),
@@ -92,9 +94,15 @@ def _row(label: str, c: Counter) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--list", action="store_true", help="list the mutants that were not killed")
+    parser.add_argument("--survivors", metavar="NAME", help="print the names of a module's mutants not killed "
+                        "(NAME as in bench/mutation.sh: collate, loss, module, ...)")
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args(argv)
     by_module = results(args.root)
+    if args.survivors:
+        label = next(k for k, (path, _) in MODULES.items() if Path(path).stem == args.survivors)
+        print("\n".join(sorted(k for k, v in by_module[label].items() if v not in KILLED)))
+        return 0
     equivalent = equivalent_mutants(args.root / "docs" / "testing.md")
     print("\n".join(table(by_module, equivalent)))
     print("\nscore = killed / (mutants - equivalent - not run); killed includes timeouts")
