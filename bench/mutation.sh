@@ -49,9 +49,15 @@ for name in "$@"; do
   [ -n "${GLOBS[$name]:-}" ] || { echo "unknown module $name (one of: ${ORDER[*]})" >&2; exit 2; }
   echo "== $name"
   if [ $SURVIVORS = 1 ]; then
-    mapfile -t names < <(python bench/mutation_report.py --survivors "$name")
-    [ ${#names[@]} -gt 0 ] || { echo "   no survivors"; continue; }
-    lock mutmut run --max-children "$JOBS" "${names[@]}"
+    # Twice: mutmut regenerates the mutants of functions whose source changed on its first
+    # call, and those new mutants (not yet checked) are only known after it.
+    for _ in 1 2; do
+      mapfile -t names < <(python bench/mutation_report.py --survivors "$name")
+      [ ${#names[@]} -gt 0 ] || break
+      lock mutmut run --max-children "$JOBS" "${names[@]}"
+      mapfile -t names < <(python bench/mutation_report.py --unchecked "$name")
+      [ ${#names[@]} -gt 0 ] || break
+    done
     continue
   fi
   # shellcheck disable=SC2086  # the globs are split on purpose and quoted for mutmut by set -f

@@ -96,12 +96,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the mutants that were not killed")
     parser.add_argument("--survivors", metavar="NAME", help="print the names of a module's mutants not killed "
                         "(NAME as in bench/mutation.sh: collate, loss, module, ...)")
+    parser.add_argument("--unchecked", metavar="NAME", help="print the names of a module's mutants not checked yet")
     parser.add_argument("--root", type=Path, default=ROOT)
     args = parser.parse_args(argv)
     by_module = results(args.root)
-    if args.survivors:
-        label = next(k for k, (path, _) in MODULES.items() if Path(path).stem == args.survivors)
-        print("\n".join(sorted(k for k, v in by_module[label].items() if v not in KILLED)))
+    if args.survivors or args.unchecked:
+        stem = args.survivors or args.unchecked
+        label = next(k for k, (path, _) in MODULES.items() if Path(path).stem == stem)
+        wanted = (lambda v: v not in KILLED) if args.survivors else (lambda v: v is None)
+        for name in sorted(k for k, v in by_module[label].items() if wanted(v)):
+            print(name)
         return 0
     equivalent = equivalent_mutants(args.root / "docs" / "testing.md")
     print("\n".join(table(by_module, equivalent)))
