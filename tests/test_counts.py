@@ -121,6 +121,7 @@ def test_share_warning_starts_above_5_percent_and_names_the_share():
 
     assert share_warning(_method(True), "m", 5, 100) is None  # exactly 5%: no warning
     assert share_warning(_method(False), "full", 100, 100) is None
+    assert "trains 100.0% of the model's parameters" in share_warning(_method(True), "m", 1, 1)  # not 50%
     assert share_warning(_method(True), "m", 6, 100) == (
         "Warning: method m trains 6.0% of the model's parameters, more than 5%: not parameter-efficient "
         "at this size (see the trainable module types)")
