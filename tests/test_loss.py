@@ -156,6 +156,22 @@ def test_chunked_loss_and_gradients_on_a_toy_head_with_bias(frozen):
     assert "forward" not in model.head.__dict__  # the capture hook is gone again
 
 
+def test_next_token_accuracy_counts_argmax_hits_in_every_chunk():
+    """embed = 5 I, head = I with bias 5.5 on token 5: every position predicts token 5 (5.5 beats
+    5) except a 5, which predicts itself; targets [1, 2, 2, 3] and [4, 4, 5, 5] hold two 5s."""
+    model = _Toy(vocab=8, hidden=8)
+    with torch.no_grad():
+        model.embed.weight.copy_(5 * torch.eye(8))
+        model.head.weight.copy_(torch.eye(8))
+        model.head.bias.zero_()
+        model.head.bias[5] = 5.5
+    ids = torch.tensor([[1, 1, 2, 2, 3], [4, 4, 4, 5, 5]])
+    for chunk in (0, 3, 7):  # all logits; chunks of 3 + 3 + 2; one chunk wider than the hidden size
+        s = loss_sum(model, {"input_ids": ids}, ids, chunk_size=chunk, accuracy=True)
+        assert (int(s.count), int(s.correct)) == (8, 2), chunk
+    assert loss_sum(model, {"input_ids": ids}, ids, chunk_size=0).correct is None
+
+
 def test_all_scored_slices_what_the_selection_would_select():
     """The planner's ``all_scored`` path (no data-dependent shapes) computes the same sum when
     every target is scored, with and without virtual tokens in front."""
@@ -171,6 +187,8 @@ def test_all_scored_slices_what_the_selection_would_select():
     selected = loss_sum(prompt, {"input_ids": labels}, labels, chunk_size=4)
     assert float(sliced.total) == pytest.approx(float(selected.total), rel=1e-6)
     assert int(sliced.count) == int(selected.count) == 14  # the last virtual token predicts label 0
+    with_labels = loss_sum(prompt, {"input_ids": labels, "labels": labels}, labels, chunk_size=4)  # labels dropped
+    assert float(with_labels.total) == pytest.approx(float(selected.total), rel=1e-6)
 
 
 def test_class_labels_sum_cross_entropy_and_count_correct():
