@@ -158,18 +158,18 @@ def test_chunked_loss_and_gradients_on_a_toy_head_with_bias(frozen):
 
 def test_next_token_accuracy_counts_argmax_hits_in_every_chunk():
     """embed = 5 I, head = I with bias 5.5 on token 5: every position predicts token 5 (5.5 beats
-    5) except a 5, which predicts itself; targets [1, 2, 2, 3] and [4, 4, 5, 5] hold two 5s."""
+    5); targets [5, 2, 2, 3], [4, 4, 5, 5] and [6, 6, 6, 6] hold three 5s, the first one first."""
     model = _Toy(vocab=8, hidden=8)
     with torch.no_grad():
         model.embed.weight.copy_(5 * torch.eye(8))
         model.head.weight.copy_(torch.eye(8))
         model.head.bias.zero_()
         model.head.bias[5] = 5.5
-    ids = torch.tensor([[1, 1, 2, 2, 3], [4, 4, 4, 5, 5]])
-    for chunk in (0, 3, 7):  # all logits; chunks of 3 + 3 + 2; one chunk wider than the hidden size
+    ids = torch.tensor([[5, 5, 2, 2, 3], [4, 4, 4, 5, 5], [6, 6, 6, 6, 6]])
+    for chunk in (0, 3, 10):  # all logits; chunks of 3 (4 x 3); 10 + 2, wider than the hidden size
         s = loss_sum(model, {"input_ids": ids}, ids, chunk_size=chunk, accuracy=True)
-        assert (int(s.count), int(s.correct)) == (8, 2), chunk
-    assert loss_sum(model, {"input_ids": ids}, ids, chunk_size=0).correct is None
+        assert (int(s.count), int(s.correct)) == (12, 3), chunk
+        assert loss_sum(model, {"input_ids": ids}, ids, chunk_size=chunk).correct is None
 
 
 def test_all_scored_slices_what_the_selection_would_select():
