@@ -99,6 +99,132 @@ def test_heads_the_chunked_path_cannot_reproduce_use_the_plain_one():
     assert float(s.total / s.count) == pytest.approx(float(on_head(**batch).loss), abs=1e-5)
 
 
+# ---------------------------------------------------------------- a toy head, worked by formula
+class _Toy(nn.Module):
+    """Embedding -> output layer, a causal LM's last two steps: logits = E[ids] W^T + b."""
+
+    def __init__(self, vocab=11, hidden=6, bias=True, twice=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, hidden)
+        self.head = nn.Linear(hidden, vocab, bias=bias)
+        self.twice = twice
+
+    def get_output_embeddings(self):
+        return self.head
+
+    def forward(self, input_ids, **_):
+        h = self.embed(input_ids)
+        if self.twice:
+            self.head(h)
+        return SimpleNamespace(logits=self.head(h))
+
+
+def _toy_reference(model, ids, labels):
+    """sum over scored targets of logsumexp(z) - z[y], the definition, in float64."""
+    z = model(input_ids=ids).logits.double()[:, :-1]
+    y = labels[:, 1:]
+    m = y != -100
+    nll = torch.logsumexp(z, -1) - z.gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+    return nll[m].sum(), int(m.sum()), int(((z.argmax(-1) == y) & m).sum())
+
+
+@pytest.mark.parametrize("frozen", ["none", "head", "embed", "bias"])
+def test_chunked_loss_and_gradients_on_a_toy_head_with_bias(frozen):
+    """Chunks of 3 rows over 8 scored targets of 10 (ragged: 3 + 3 + 2), against the formula;
+    a frozen part gets no gradient and the others keep theirs."""
+    ids = torch.tensor([[1, 4, 2, 9, 3, 7], [5, 5, 8, 0, 10, 6]])
+    labels = ids.clone()
+    labels[0, :2] = -100
+    labels[1, 5] = -100
+    model = _Toy()
+    if frozen != "none":
+        {"head": model.head.weight, "embed": model.embed.weight, "bias": model.head.bias}[frozen].requires_grad_(False)
+    expected, count, correct = _toy_reference(model, ids, labels)
+    expected.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    s = loss_sum(model, {"input_ids": ids}, labels, chunk_size=3, accuracy=True)
+    assert (int(s.count), int(s.correct)) == (count, correct) and count == 8
+    assert float(s.total.detach()) == pytest.approx(float(expected), rel=1e-6)
+    (2.0 * s.total).backward()  # the incoming gradient scales every gradient
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, 2.0 * ref[n].float(), atol=1e-5, rtol=1e-5, msg=n)
+        else:
+            assert p.grad is None, n
+    assert "forward" not in model.head.__dict__  # the capture hook is gone again
+
+
+def test_next_token_accuracy_counts_argmax_hits_in_every_chunk():
+    """embed = 5 I, head = I with bias 5.5 on token 5: every position predicts token 5 (5.5 beats
+    5); targets [5, 2, 2, 3], [4, 4, 5, 5] and [6, 6, 6, 6] hold three 5s, the first one first."""
+    model = _Toy(vocab=8, hidden=8)
+    with torch.no_grad():
+        model.embed.weight.copy_(5 * torch.eye(8))
+        model.head.weight.copy_(torch.eye(8))
+        model.head.bias.zero_()
+        model.head.bias[5] = 5.5
+    ids = torch.tensor([[5, 5, 2, 2, 3], [4, 4, 4, 5, 5], [6, 6, 6, 6, 6]])
+    for chunk in (0, 3, 10):  # all logits; chunks of 3 (4 x 3); 10 + 2, wider than the hidden size
+        s = loss_sum(model, {"input_ids": ids}, ids, chunk_size=chunk, accuracy=True)
+        assert (int(s.count), int(s.correct)) == (12, 3), chunk
+        assert loss_sum(model, {"input_ids": ids}, ids, chunk_size=chunk).correct is None
+
+
+def test_all_scored_slices_what_the_selection_would_select():
+    """The planner's ``all_scored`` path (no data-dependent shapes) computes the same sum when
+    every target is scored, with and without virtual tokens in front."""
+    ids = torch.tensor([[1, 4, 2, 9, 3, 7], [5, 5, 8, 0, 10, 6]])
+    model = _Toy(bias=False)
+    expected, count, _ = _toy_reference(model, ids, ids)
+    s = loss_sum(model, {"input_ids": ids}, ids, chunk_size=4, all_scored=True)
+    assert float(s.total.detach()) == pytest.approx(float(expected), rel=1e-6) and int(s.count) == count == 10
+    torch.manual_seed(0)
+    prompt = build("prompt_tuning", family=LLAMA).apply(LLAMA.load(), 10)
+    labels = torch.randint(4, 260, (2, 7))
+    sliced = loss_sum(prompt, {"input_ids": labels}, labels, chunk_size=4, all_scored=True)
+    selected = loss_sum(prompt, {"input_ids": labels}, labels, chunk_size=4)
+    assert float(sliced.total) == pytest.approx(float(selected.total), rel=1e-6)
+    assert int(sliced.count) == int(selected.count) == 14  # the last virtual token predicts label 0
+    with_labels = loss_sum(prompt, {"input_ids": labels, "labels": labels}, labels, chunk_size=4)  # labels dropped
+    assert float(with_labels.total) == pytest.approx(float(selected.total), rel=1e-6)
+
+
+def test_class_labels_sum_cross_entropy_and_count_correct():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    labels = torch.tensor([0, 0, 0])
+    model = _FixedLogits([logits])
+    s = loss_sum(model, {"input_ids": torch.zeros(3, 2, dtype=torch.long), "labels": labels}, labels,
+                 accuracy=True)
+    expected = sum(math.log(math.exp(a) + math.exp(b)) - a for a, b in logits.tolist())
+    assert float(s.total) == pytest.approx(expected, rel=1e-6)
+    assert (int(s.count), int(s.correct)) == (3, 2)  # rows 0 and 2 put class 0 on top
+    assert loss_sum(model, {"input_ids": torch.zeros(3, 2, dtype=torch.long)}, labels).correct is None
+
+
+def test_the_capture_restores_a_forward_set_on_the_head_and_counts_its_calls():
+    ids = torch.tensor([[1, 4, 2, 9]])
+    model = _Toy()
+    hooked = model.head.forward  # accelerate sets a bound forward of its own on the instance
+    model.head.forward = hooked
+    loss_sum(model, {"input_ids": ids}, ids, chunk_size=2)
+    assert model.head.__dict__["forward"] is hooked
+    with pytest.raises(RuntimeError, match="the output layer ran 2 times in one forward pass"):
+        loss_sum(_Toy(twice=True), {"input_ids": ids}, ids, chunk_size=2)
+
+
+@pytest.mark.parametrize("key", ["final_logit_softcapping", "logit_scale", "logits_scaling",
+                                 "output_multiplier_scale"])
+def test_a_logit_transform_in_the_config_turns_chunking_off(key):
+    model = _Toy()
+    model.config = SimpleNamespace(**{key: 1.0})
+    assert _chunkable_head(model) is model.head  # 1 changes nothing
+    model.config = SimpleNamespace(**{key: 2.0})
+    assert _chunkable_head(model) is None
+    assert _chunkable_head(nn.Linear(2, 2)) is None  # no get_output_embeddings at all
+
+
 # ---------------------------------------------------------------- token weighting over a step
 class _Rows(torch.utils.data.Dataset):
     def __init__(self, rows):
@@ -243,6 +369,35 @@ def test_validation_loss_is_token_weighted_and_perplexity_is_exp_of_it():
     assert got["val/loss"] == pytest.approx(expected, rel=1e-6)
     assert got["val/perplexity"] == pytest.approx(math.exp(expected), rel=1e-5)
     assert got["val/token_accuracy"] == pytest.approx(correct / 15)
+
+
+def test_classification_validation_accuracy_macro_f1_and_one_history_point_per_step():
+    """Class logits of 2 + 2 examples, worked by hand: predictions 0, 1, 0, 1 for labels 0, 0, 0, 1;
+    accuracy 3/4; F1 of class 0 = 2*2 / (2*2 + 0 + 1) = 4/5, of class 1 = 2*1 / (2*1 + 1 + 0) = 2/3."""
+    l1, l2 = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[3.0, 0.0], [0.0, 2.0]])
+    l3 = torch.tensor([[0.0, 5.0]])
+    y1, y2, y3 = torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([1])
+
+    def ce(logits, y):
+        return sum(math.log(sum(math.exp(v) for v in row)) - row[c] for row, c in zip(logits.tolist(), y.tolist()))
+
+    module = FinetuneModule(_FixedLogits([l1, l2, l3]), _NoMethod(), OptimizerSettings(factory=torch.optim.SGD, lr=0.1),
+                            SchedulerSettings(name="constant"), 1, num_classes=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+
+    def validate(*pairs):
+        batches = [{"input_ids": torch.zeros(len(y), 3, dtype=torch.long), "labels": y} for y in pairs]
+        return trainer.validate(module, dataloaders=DataLoader(batches, batch_size=None), verbose=False)[0]
+
+    got = validate(y1, y2)
+    assert set(got) == {"val/loss", "val/accuracy", "val/f1"}
+    assert got["val/loss"] == pytest.approx((ce(l1, y1) + ce(l2, y2)) / 4, rel=1e-6)
+    assert got["val/accuracy"] == pytest.approx(3 / 4) and got["val/f1"] == pytest.approx((4 / 5 + 2 / 3) / 2)
+    assert module.val_history == [{"step": 0, "val_loss": pytest.approx(got["val/loss"]),
+                                   "val_accuracy": pytest.approx(3 / 4), "val_f1": pytest.approx((4 / 5 + 2 / 3) / 2)}]
+    again = validate(y3)  # sums start afresh; the same step replaces its history point
+    assert again["val/loss"] == pytest.approx(ce(l3, y3), rel=1e-6) and again["val/accuracy"] == 1.0
+    assert len(module.val_history) == 1 and module.val_history[0]["val_loss"] == pytest.approx(ce(l3, y3), rel=1e-6)
 
 
 # ---------------------------------------------------------------- the real model

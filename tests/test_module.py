@@ -128,3 +128,28 @@ def test_default_groups_skip_weight_decay_on_biases_and_norms():
     for n, p in model.named_parameters():
         assert (id(p) in decayed) == (p.ndim >= 2), n
     assert groups[1]["weight_decay"] == 0.0
+
+
+def _bare_module() -> FinetuneModule:
+    return FinetuneModule(nn.Linear(1, 1), RecordingMethod(), OptimizerSettings(factory=torch.optim.SGD, lr=0.1),
+                          SchedulerSettings(name="constant"), 1)
+
+
+def test_throughput_is_the_median_after_the_first_step():
+    module = _bare_module()
+    assert module.throughput() == {"tokens_per_second": 0.0, "step_time_s": 0.0, "padding_efficiency": 0.0}
+    module.step_times, module.step_tokens = [10.0], [30]
+    assert module.throughput()["tokens_per_second"] == 3.0  # one step: it counts, warm-up or not
+    # steps 2-4: 20 tokens in 2 s, 20 in 4 s, 30 in 1 s -> rates 10, 5, 30 (median 10), times median 2
+    module.step_times, module.step_tokens = [10.0, 2.0, 4.0, 1.0], [5, 20, 20, 30]
+    module.tokens_real, module.tokens_computed = 75, 100
+    assert module.throughput() == {"tokens_per_second": 10.0, "step_time_s": 2.0, "padding_efficiency": 0.75}
+
+
+def test_a_step_logs_its_rate_loss_throughput_and_memory():
+    module, trainer = fit(RecordingMethod(), steps=2)
+    logged = trainer.callback_metrics
+    assert {"train/lr", "train/loss", "train/tokens_per_sec", "train/peak_memory_mb"} <= set(logged)
+    assert float(logged["train/lr"]) == pytest.approx(3e-2)  # the method's group: 3 x lr
+    assert float(logged["train/loss"]) == module.train_losses[-1][1] and "train/loss" in trainer.progress_bar_metrics
+    assert [s for s, _ in module.train_losses] == [1, 2]

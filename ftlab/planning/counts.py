@@ -16,6 +16,7 @@ from torch import nn
 from ftlab.methods.base import count_parameters
 
 _INDEX = re.compile(r"\.\d+(?=\.|$)")
+_DEFAULT = re.compile(r"\.default(?=\.|$)")  # peft's adapter name, a whole path part
 _WRAPPERS = ("base_model.model.", "base_model.")
 
 
@@ -26,7 +27,7 @@ def module_type(name: str) -> str:
         if name.startswith(prefix):
             name = name[len(prefix):]
             break
-    name = _INDEX.sub(".*", name).replace(".default", "")
+    name = _DEFAULT.sub("", _INDEX.sub(".*", name))
     return name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
 
 
@@ -88,8 +89,9 @@ def parameter_summary(model: nn.Module, method_name: str, method=None, precision
         lines.append(warning)
     rows = [r for r in parameters_by_module(model, trainable_only=True)]
     if rows:
-        width = max(len(r["module"]) for r in rows)
-        lines.append(f"  {'trainable module type':{width}} {'tensors':>7} {'params':>13}")
+        header = "trainable module type"
+        width = max(len(header), *(len(r["module"]) for r in rows))
+        lines.append(f"  {header:{width}} {'tensors':>7} {'params':>13}")
         for r in rows:
             lines.append(f"  {r['module']:{width}} {r['tensors']:>7} {r['trainable']:>13,}")
     return "\n".join(lines)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ftlab.data.collate import (Collator, LengthGroupedSampler, PackedCollator, model_inputs, pack,
-                                real_tokens)
+from ftlab.data.collate import (Collator, LengthGroupedSampler, PackedCollator, group_by_length, model_inputs,
+                                pack, pad_batch, real_tokens)
 from ftlab.data.encode import IGNORE_INDEX
 
 from .helpers import datamodule
@@ -139,3 +139,99 @@ def test_length_grouped_batches_pad_less_and_still_shuffle():
 def test_collator_counts_real_tokens():
     batch = Collator(pad_id=0)(examples([3, 6]))
     assert real_tokens(batch) == 9 == int(batch["attention_mask"].sum())
+
+
+# -- hand-worked batches: every value below is worked out from the collators' definitions ------
+M = IGNORE_INDEX
+TWO = [{"input_ids": [5, 6, 7], "labels": [M, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+
+
+def test_pad_batch_right_left_and_to_a_width():
+    batch = pad_batch(TWO, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[M, 6, 7], [8, M, M]]
+    assert int(batch["num_tokens"]) == 4
+    assert {batch[k].dtype for k in ("input_ids", "attention_mask", "labels")} == {torch.long}
+
+    left = pad_batch(TWO, pad_id=9, side="left")
+    assert left["input_ids"].tolist() == [[5, 6, 7], [9, 9, 8]]
+    assert left["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert left["labels"].tolist() == [[M, 6, 7], [M, M, 8]]
+
+    assert pad_batch(TWO, pad_id=0, pad_to=5)["input_ids"].tolist() == [[5, 6, 7, 0, 0], [8, 0, 0, 0, 0]]
+    assert pad_batch(TWO, pad_id=0, pad_to=2)["input_ids"].shape == (2, 3)  # never cuts
+    assert Collator(pad_id=4, pad_to=4)(TWO)["input_ids"].tolist() == [[5, 6, 7, 4], [8, 4, 4, 4]]
+
+
+def test_pad_batch_class_labels_and_no_labels():
+    classes = pad_batch([{"input_ids": [1, 2], "labels": 1}, {"input_ids": [3], "labels": 0}], pad_id=0)
+    assert classes["labels"].tolist() == [1, 0] and classes["labels"].dtype == torch.long
+    unlabelled = pad_batch([{"input_ids": [1, 2]}], pad_id=0)
+    assert set(unlabelled) == {"input_ids", "attention_mask", "num_tokens"}
+
+
+def test_real_tokens_and_model_inputs():
+    assert real_tokens({"attention_mask": torch.tensor([[1, 1, 0], [1, 0, 0]])}) == 3
+    assert real_tokens({"num_tokens": torch.tensor(7), "attention_mask": torch.ones(1, 2)}) == 7
+    assert model_inputs({"input_ids": 1, "num_tokens": 2, "use_cache": False}) == {"input_ids": 1, "use_cache": False}
+
+
+def test_pack_best_fit_decreasing_by_hand():
+    # capacity 8, lengths [5, 3, 4, 2, 6]; longest first: 6 -> new row 0 (2 free); 5 -> new row 1
+    # (3 free); 4 -> new row 2 (4 free); 3 -> row 1 (exactly 3 free, the fullest it fits);
+    # 2 -> row 0 (exactly 2 free).
+    assert pack([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+    # 2 fits rows with 3 and 4 free: best fit takes the fuller (3 free).
+    assert pack([6, 5, 2], 9) == [[0, 2], [1]]
+    assert pack([8, 8], 8) == [[0], [1]]  # an example may fill a row exactly
+    assert pack([], 8) == []
+    with pytest.raises(ValueError, match="example 1 has 9 tokens, more than the row capacity 8"):
+        pack([1, 9], 8)
+
+
+def test_packed_collator_without_pad_to():
+    a, b = {"input_ids": [1, 2, 3], "labels": [1, 2, 3]}, {"input_ids": [4, 5], "labels": [M, 5]}
+    batch = PackedCollator(pad_id=0)([[a], [b]])
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 5, 0]]
+    assert batch["labels"].tolist() == [[M, 2, 3], [M, 5, M]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert int(batch["num_tokens"]) == 5
+    assert {batch[k].dtype for k in ("input_ids", "labels", "position_ids")} == {torch.long}
+
+
+def test_group_by_length_sorts_within_mega_batches_and_puts_the_longest_first():
+    lengths = [3, 1, 4, 7, 5, 9, 2, 6]
+    # one mega-batch (8 <= 2 * 50): the order is by length, longest first, whatever the seed
+    for seed in (0, 1):
+        assert group_by_length(lengths, 2, seed) == [5, 3, 7, 4, 2, 0, 6, 1]
+    # mega-batches of one batch: each batch sorted, the one with the 9 (index 5) moved to the front
+    # (from the second, third or fourth place for most seeds), the others kept in their order
+    moved = 0
+    for seed in range(10):
+        order = group_by_length(lengths, 2, seed=seed, mega=1)
+        assert sorted(order) == list(range(8)) and order[0] == 5
+        assert all(lengths[order[i]] >= lengths[order[i + 1]] for i in range(0, 8, 2))
+        shuffled = list(range(8))
+        random.Random(seed).shuffle(shuffled)
+        batches = [sorted(shuffled[i:i + 2], key=lambda j: -lengths[j]) for i in range(0, 8, 2)]
+        at = next(i for i, b in enumerate(batches) if 5 in b)
+        moved += at > 0
+        assert order == [i for b in [batches[at]] + batches[:at] + batches[at + 1:] for i in b]
+    assert moved > 0
+    assert group_by_length([], 2, 0) == []
+
+
+def test_length_grouped_sampler_defaults_epochs_and_length():
+    lengths = list(range(51))  # batch_size 1: mega-batches of 50, then one of 1
+    sampler = LengthGroupedSampler(lengths, batch_size=1)
+    assert len(sampler) == 51
+    assert list(sampler) == group_by_length(lengths, 1, seed=0, mega=50) != group_by_length(lengths, 1, 0, 51)
+    assert list(sampler) == group_by_length(lengths, 1, seed=1, mega=50)  # the next epoch
+    assert group_by_length(lengths, 1, 0) == group_by_length(lengths, 1, 0, mega=50)
+    assert list(sampler) == group_by_length(lengths, 1, seed=2, mega=50)
+    sampler = LengthGroupedSampler(lengths, batch_size=1, seed=5)
+    sampler.set_epoch(3)
+    assert list(sampler) == group_by_length(lengths, 1, seed=8, mega=50)
+    assert list(sampler) == group_by_length(lengths, 1, seed=9, mega=50)  # the epoch counts on
+    assert list(LengthGroupedSampler(lengths, 1, mega=10)) == group_by_length(lengths, 1, 0, mega=10)

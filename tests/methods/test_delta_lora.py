@@ -226,3 +226,56 @@ def test_W_follows_the_rule_on_a_bf16_base_within_one_rounding(tmp_path):
     m3 = build_method("delta_lora", target_modules=["q_proj"])
     loaded = lora_layers(m3.load(copy.deepcopy(base), tmp_path))["q_proj"]
     assert torch.equal(loaded.base_layer.weight, w)
+
+
+def test_saved_metadata_and_the_refusals_of_save_and_load(tmp_path):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    base = plain_model("llama")
+    m = method("llama")
+    model = m.apply(copy.deepcopy(base), STEPS)
+    train_by_hand(m, model, STEPS)
+    m.save(model, tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / "adapter_model.safetensors"), framework="pt") as fh:
+        meta = fh.metadata()
+    assert meta == {"format": "pt", "ftlab_method": "delta_lora", "r": "4", "alpha": "8.0", "update_ratio": "2.0",
+                    "start_step": "2", "step": "7"}
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    # the whole change at rank 2r: B' = [(1 + lam) B, -lam B0], alpha scaled alike so that s stays alpha / r
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"], config["use_rslora"]) == (8, 16.0, 0.0, False)
+
+    with torch.no_grad():  # A moved after the last after_optimizer_step: the saved W would be stale
+        next(iter(lora_layers(model).values())).lora_A.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="A, B changed since the last after_optimizer_step"):
+        m.save(model, tmp_path / "b")
+
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="was not written by Delta-LoRA"):
+        method("llama").load(copy.deepcopy(base), tmp_path / "a")
+    extra = {**tensors, "base_model.model.model.extra.weight": torch.zeros(1)}
+    save_file(extra, str(tmp_path / "a" / "adapter_model.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"tensors with no place in this model: \['base_model.model.model.extra"):
+        method("llama").load(copy.deepcopy(base), tmp_path / "a")
+
+
+def test_no_state_is_no_change_and_state_before_apply_waits_for_it():
+    base = plain_model("llama")
+    m = method("llama")
+    model = m.apply(copy.deepcopy(base), STEPS)
+    train_by_hand(m, model, STEPS)
+    state = m.state_dict()
+    assert state["step"] == STEPS and set(state["prev"]) == set(state["anchor"]) == set(lora_layers(model))
+    m.load_state_dict({})  # nothing saved: nothing changes
+    assert m.step == STEPS
+    early = method("llama")
+    early.load_state_dict(state)  # before apply: kept until the layers exist
+    model2 = early.apply(copy.deepcopy(base), STEPS)
+    model2.load_state_dict({n: p for n, p in model.named_parameters() if p.requires_grad}, strict=False)
+    assert early.step == STEPS
+    for name, layer in lora_layers(model).items():
+        torch.testing.assert_close(lora_layers(model2)[name].base_layer.weight, layer.base_layer.weight,
+                                   atol=1e-6, rtol=0)

@@ -120,3 +120,54 @@ def test_explicit_targets_and_errors():
             build_method("adapter", **{key: value})
     with pytest.raises(ConfigError, match="method.target_modules=auto"):
         build_method("adapter").check(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def test_init_is_truncated_normal_with_zero_biases_and_gelu_by_default():
+    torch.manual_seed(0)
+    layer = BottleneckAdapter(torch.nn.Linear(64, 48), bottleneck=40, init_scale=0.5)
+    assert isinstance(layer.adapter_act, torch.nn.GELU)
+    assert layer.adapter_down.weight.shape == (40, 48) and layer.adapter_up.weight.shape == (48, 40)
+    for linear in (layer.adapter_down, layer.adapter_up):
+        w = linear.weight
+        assert w.abs().max() <= 1.0 and w.abs().max() > 0.9  # cut at 2 std = 1.0, reached with 1,920 draws
+        assert 0.35 < float(w.std()) < 0.5  # N(0, 0.5) cut at +-2 std: std 0.44
+        assert torch.count_nonzero(linear.bias) == 0
+    half = BottleneckAdapter(torch.nn.Linear(4, 4).to(torch.bfloat16), bottleneck=2)
+    assert half.adapter_down.weight.dtype == torch.float32  # adapters stay fp32 over a half base
+    assert half(torch.ones(1, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+class TinyForSequenceClassification(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Linear(4, 4)
+        self.classifier = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.classifier(self.body(x))
+
+
+def test_saved_settings_and_a_classifier_head_round_trip(tmp_path):
+    import json
+
+    from safetensors.torch import load_file
+
+    m = build_method("adapter", bottleneck=3, nonlinearity="relu", init_scale=0.1, target_modules=["body"])
+    model = m.apply(TinyForSequenceClassification(), 0)
+    assert model.classifier.weight.requires_grad  # the new head trains whole
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    x = torch.randn(2, 4)
+    expected = model(x)
+    m.save(model, tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "bottleneck_adapter.json").read_text()) == {
+        "method": "adapter", "paper": "arXiv 1902.00751", "bottleneck": 3, "nonlinearity": "relu",
+        "init_scale": 0.1, "target_modules": ["body"]}
+    assert set(load_file(str(tmp_path / "out" / "bottleneck_adapter.safetensors"))) == {
+        "body.adapter_down.weight", "body.adapter_down.bias", "body.adapter_up.weight", "body.adapter_up.bias",
+        "classifier.weight", "classifier.bias"}
+    other = build_method("adapter")
+    loaded = other.load(TinyForSequenceClassification(), tmp_path / "out")
+    assert other.init_scale == 0.1 and other.target_modules == ["body"]
+    torch.testing.assert_close(loaded(x), expected, atol=0, rtol=0)

@@ -163,3 +163,77 @@ def test_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="cannot wrap"):
         build_method("lora", backend="native", target_modules=["embed_tokens"]).check(meta)
     build_method("lora", backend="native", target_modules="all-linear").check(meta)
+
+
+def test_layer_formula_defaults_rslora_dropout_and_repr():
+    """h = W0 x + b0 + s B A x with s = alpha / r (rsLoRA: alpha / sqrt(r)); no dropout by default."""
+    torch.manual_seed(0)
+    base = torch.nn.Linear(5, 3)
+    layer = LoraLinear(base, r=4, alpha=8).train()
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5)
+    A, B = layer.lora_A.weight, layer.lora_B.weight
+    expected = x @ base.weight.T + base.bias + 2.0 * x @ A.T @ B.T
+    torch.testing.assert_close(layer(x), expected)
+    assert layer.extra_repr() == "r=4, scaling=2, fan_in_fan_out=False"
+    assert LoraLinear(torch.nn.Linear(5, 3), r=4, alpha=8, use_rslora=True).scaling == 4.0  # 8 / sqrt(4)
+    layer.merge()  # merged: the base layer alone, with W0 + s B A
+    torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-5)
+    layer.unmerge()
+
+    dropped = LoraLinear(torch.nn.Linear(5, 3), r=4, alpha=8, dropout=0.5)
+    torch.nn.init.normal_(dropped.lora_B.weight)
+    assert isinstance(dropped.lora_dropout, torch.nn.Dropout) and dropped.lora_dropout.p == 0.5
+    dropped.train()
+    assert not torch.equal(dropped(x), dropped(x))  # a new mask each pass
+    dropped.eval()
+    torch.testing.assert_close(dropped(x), dropped(x))
+
+
+def test_saved_config_carries_every_setting_and_load_reads_them(tmp_path):
+    import json
+
+    base = plain_model("llama")
+    base.config._name_or_path = "org/tiny-llama"
+    method = native_lora("llama", dropout=0.1, use_rslora=True)
+    model = method.apply(copy.deepcopy(base), 0)
+    method.save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("r", "lora_alpha", "lora_dropout", "use_rslora", "fan_in_fan_out",
+                                   "base_model_name_or_path", "task_type", "bias")} == {
+        "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "use_rslora": True, "fan_in_fan_out": False,
+        "base_model_name_or_path": "org/tiny-llama", "task_type": "CAUSAL_LM", "bias": "none"}
+    assert sorted(config["target_modules"]) == ["down_proj", "q_proj", "v_proj"]
+    again = build_method("lora", backend="native").load(copy.deepcopy(base), tmp_path)  # r=8 etc. replaced
+    layer = next(iter(lora_layers(again).values()))
+    assert (layer.r, layer.scaling, layer.lora_dropout.p) == (4, 8 / math.sqrt(4), 0.1)
+    assert len(lora_layers(again)) == 6
+
+    del config["lora_dropout"]  # older adapters: no dropout
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    again = build_method("lora", backend="native").load(copy.deepcopy(base), tmp_path)
+    assert isinstance(next(iter(lora_layers(again).values())).lora_dropout, torch.nn.Identity)
+    for key, value, missing in [("use_dora", True, "no use_dora"), ("lora_bias", True, "no lora_bias"),
+                                ("bias", "all", "no extras")]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ValueError, match=rf"native LoRA reads plain LoRA adapters only \(bias='none', {missing}\)"):
+            build_method("lora", backend="native").load(copy.deepcopy(base), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "VERA"}))
+    with pytest.raises(ValueError, match="not LORA"):
+        build_method("lora", backend="native").load(copy.deepcopy(base), tmp_path)
+
+
+def test_config_names_the_base_from_the_model_or_its_config():
+    from ftlab.methods.native.lora import peft_lora_config
+
+    model = native_lora("llama").apply(plain_model("llama"), 0)
+    assert peft_lora_config(model, 4, 8, 0.0, False).base_model_name_or_path is None  # a random model: none
+    model.config._name_or_path = "org/x"
+    assert peft_lora_config(model, 4, 8, 0.0, False).base_model_name_or_path == "org/x"
+
+    class Wrapped(torch.nn.Module):  # no name_or_path of its own, only a config's
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+    assert peft_lora_config(Wrapped(model), 4, 8, 0.0, False).base_model_name_or_path == "org/x"

@@ -176,3 +176,34 @@ def test_bad_settings_are_config_errors():
         lora_fa(r=-1)
     with pytest.raises(ConfigError, match="method.dropout"):
         lora_fa(dropout=1.0)
+
+
+class TinyForSequenceClassification(torch.nn.Module):
+    """A body layer to adapt and a new classification head that trains whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        self.classifier = torch.nn.Linear(4, 2)
+
+
+def test_peft_optimizer_group_names_scalings_and_settings_by_hand():
+    m = build_method("lora_fa", r=2, alpha=8, target_modules=["body"], variant="peft_optimizer")
+    model = m.apply(TinyForSequenceClassification(), 0)
+    group = m.build_optimizer(model, lr=0.5, weight_decay=0.25).param_groups[0]
+    # (A, B) of the one LoRA layer with s = alpha / r = 4, then the head's tensors, unscaled
+    assert group["names"] == ["body.lora_A.weight", "body.lora_B.weight", "classifier.weight", "classifier.bias"]
+    assert group["scaling_factors"] == [4.0, 4.0, None, None]
+    assert [id(p) for p in group["params"]] == [id(model.body.lora_A.weight), id(model.body.lora_B.weight),
+                                                id(model.classifier.weight), id(model.classifier.bias)]
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.5, (0.9, 0.999), 0.25)
+    assert build_method("lora_fa", target_modules=["body"]).build_optimizer(model, 0.5, 0.0) is None  # paper
+
+
+def test_load_keeps_A_frozen(tmp_path):
+    m = build_method("lora_fa", r=2, alpha=8, target_modules=["body"])
+    m.save(m.apply(TinyForSequenceClassification(), 0), tmp_path)
+    loaded = build_method("lora_fa", target_modules=["body"]).load(TinyForSequenceClassification(), tmp_path)
+    layer = loaded.body
+    assert isinstance(layer, LoraLinear) and (layer.r, layer.scaling) == (2, 4.0)
+    assert not layer.lora_A.weight.requires_grad and layer.lora_B.weight.requires_grad

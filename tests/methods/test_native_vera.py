@@ -139,3 +139,72 @@ def test_bad_settings_are_config_errors():
 def test_vera_builder_native_backend():
     method = build_method("vera", backend="native", r=R, target_modules=["q_proj"])
     assert isinstance(method, NativeVera) and method.r == R
+
+
+def test_layer_formula_repr_dropout_and_projection_checks():
+    """h = W0 x + b0 + lambda_b * (B_s (lambda_d * (A_s x))), A_s and B_s the top-left corners of
+    the shared A (r x max_in) and B (max_out x r); b starts at 0, d at d_initial."""
+    from ftlab.methods.native.vera import VeraLinear, VeraProjections, kaiming_uniform, projections_from_key
+
+    torch.manual_seed(0)
+    a, b = projections_from_key(7, 4, 6, 5)
+    assert a.shape == (4, 6) and b.shape == (5, 4)
+    # kaiming uniform, bound sqrt(6 / fan_in): fan_in 6 for A, 4 for B; drawn A first, then B
+    g = torch.Generator().manual_seed(7)
+    first = torch.empty(4, 6).uniform_(-1.0, 1.0, generator=g)
+    torch.testing.assert_close(a, first)  # sqrt(6 / 6) = 1
+    assert b.abs().max() <= (6 / 4) ** 0.5 and b.abs().max() > 0.5 * (6 / 4) ** 0.5
+    assert torch.equal(kaiming_uniform((2, 3), torch.Generator().manual_seed(1)),
+                       torch.empty(2, 3).uniform_(-(2 ** 0.5), 2 ** 0.5, generator=torch.Generator().manual_seed(1)))
+
+    base = torch.nn.Linear(3, 2)
+    layer = VeraLinear(base, VeraProjections(a, b), r=4, d_initial=0.5)
+    assert torch.equal(layer.vera_lambda_b, torch.zeros(2)) and torch.equal(layer.vera_lambda_d, torch.full((4,), 0.5))
+    assert "vera_A" not in layer.state_dict() and "vera_projections.vera_A" not in layer.state_dict()
+    assert layer.extra_repr() == "r=4, in=3, out=2"
+    assert isinstance(layer.vera_dropout, torch.nn.Identity)
+    with torch.no_grad():
+        layer.vera_lambda_b.copy_(torch.tensor([1.0, -2.0]))
+    x = torch.randn(3, 3)
+    a_s, b_s = a[:4, :3], b[:2, :4]
+    expected = base(x) + torch.tensor([1.0, -2.0]) * ((0.5 * (x @ a_s.T)) @ b_s.T)
+    torch.testing.assert_close(layer(x), expected)
+    delta = torch.tensor([1.0, -2.0])[:, None] * b_s @ (0.5 * a_s)
+    torch.testing.assert_close(layer.get_delta_weight(), delta)
+    assert VeraLinear(torch.nn.Linear(3, 2), VeraProjections(a, b), r=4, dropout=0.25).vera_dropout.p == 0.25
+
+    model = plain_model("llama")
+    small = projections_from_key(0, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"VeRA projections of shapes \(2, 8\), \(8, 2\) cannot serve r=4, "
+                                         r"in=32, out=32"):
+        NativeVera(r=4, target_modules=["q_proj"]).apply(model, projections=small)
+
+
+def test_saved_config_and_load_defaults(tmp_path):
+    import json
+
+    base = plain_model("llama")
+    method = build_native_vera(r=R, d_initial=0.25, projection_prng_key=3, dropout=0.1, target_modules=["q_proj"],
+                               save_projection=False)
+    model = method.apply(copy.deepcopy(base))
+    method.save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert {k: config[k] for k in ("r", "d_initial", "projection_prng_key", "save_projection", "vera_dropout",
+                                   "target_modules", "fan_in_fan_out", "task_type")} == {
+        "r": R, "d_initial": 0.25, "projection_prng_key": 3, "save_projection": False, "vera_dropout": 0.1,
+        "target_modules": ["q_proj"], "fan_in_fan_out": False, "task_type": "CAUSAL_LM"}
+    again = build_native_vera(r=2).load(copy.deepcopy(base), tmp_path)
+    layer = next(iter(vera_layers(again).values()))
+    assert (layer.r, layer.vera_dropout.p, float(layer.vera_lambda_d[0])) == (R, 0.1, 0.25)
+    for key in ("d_initial", "vera_dropout", "save_projection"):
+        del config[key]  # an adapter_config.json without them: peft's defaults
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    method = build_native_vera(r=2)
+    again = method.load(copy.deepcopy(base), tmp_path)
+    assert isinstance(next(iter(vera_layers(again).values())).vera_dropout, torch.nn.Identity)
+    with pytest.raises(ConfigError, match="method.d_initial must be a number, got 'x'"):
+        build_native_vera(d_initial="x")
+    with pytest.raises(ConfigError, match="method.projection_prng_key must be an integer, got True"):
+        build_native_vera(projection_prng_key=True)
+    with pytest.raises(ConfigError, match="method.d_initial must be a number, got True"):
+        build_native_vera(d_initial=True)

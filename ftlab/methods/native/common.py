@@ -35,16 +35,16 @@ class MergeableDelta:
     def get_delta_weight(self) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
-            self.base_layer.weight += self.get_delta_weight().to(self.base_layer.weight.dtype)
+            with torch.no_grad():
+                self.base_layer.weight += self.get_delta_weight().to(self.base_layer.weight.dtype)
             self.merged = True
 
-    @torch.no_grad()
     def unmerge(self) -> None:
         if self.merged:
-            self.base_layer.weight -= self.get_delta_weight().to(self.base_layer.weight.dtype)
+            with torch.no_grad():
+                self.base_layer.weight -= self.get_delta_weight().to(self.base_layer.weight.dtype)
             self.merged = False
 
 

@@ -119,15 +119,15 @@ class DeltaLora(PlainHooks):
         # W is frozen (requires_grad False), so it is in no group and gets no optimizer state.
         return default_param_groups(model, lr, weight_decay)
 
-    @torch.no_grad()
     def after_optimizer_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         moving = (step - 1) > self.start_step and self.update_ratio != 0
-        for name, layer in self._layers.items():
-            if moving:
-                self._anchor.setdefault(name, self._prev[name])
-            self._prev[name] = _factors(layer)
-            if moving:
-                self._set_weight(name)
+        with torch.no_grad():
+            for name, layer in self._layers.items():
+                if moving:
+                    self._anchor.setdefault(name, self._prev[name])
+                self._prev[name] = _factors(layer)
+                if moving:
+                    self._set_weight(name)
         self.step = step
 
     # -- W = W0 + D(prev, anchor) -------------------------------------------------------------
@@ -144,13 +144,13 @@ class DeltaLora(PlainHooks):
         (a, b), (a0, b0) = [tuple(map(wide, f)) for f in (self._prev[name], self._anchor[name])]
         return _layout(self._layers[name], (b @ a - b0 @ a0) * (self.update_ratio * self.scaling))
 
-    @torch.no_grad()
     def _set_weight(self, name: str) -> None:
         """W = W0 + D with a single rounding to W's dtype (W = W0 while D does not exist)."""
         layer = self._layers[name]
-        w0, d = getattr(layer, BASE), self.moved(name)
-        w = w0 if d is None else w0.to(d.dtype) + d
-        layer.base_layer.weight.copy_(w.to(layer.base_layer.weight.dtype))
+        with torch.no_grad():
+            w0, d = getattr(layer, BASE), self.moved(name)
+            w = w0 if d is None else w0.to(d.dtype) + d
+            layer.base_layer.weight.copy_(w.to(layer.base_layer.weight.dtype))
 
     def _sync(self) -> None:
         for name in self._layers:

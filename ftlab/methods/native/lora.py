@@ -67,10 +67,10 @@ class LoraLinear(MergeableDelta, nn.Module):
         self.merged = False
         self.reset_lora_parameters()
 
-    @torch.no_grad()
     def reset_lora_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
 
     def get_delta_weight(self) -> torch.Tensor:
         """``s B A`` in the base weight's layout (out x in; in x out for ``Conv1D``)."""
