@@ -14,6 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (CI: -n 2) each worker is one core's worth: one thread in this process
+    # and in every ftlab process it starts, instead of each oversubscribing the machine.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 # Small, fast settings for CLI runs on the tiny random model.
 TINY = ["model=tiny-llama", "trainer.max_steps=3", "trainer.val_check_interval=2",
