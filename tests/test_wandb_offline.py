@@ -10,44 +10,14 @@ length, type FULL/FIRST/MIDDLE/LAST, then the bytes) after a 7-byte file header,
 from __future__ import annotations
 
 import json
-import struct
-from pathlib import Path
 
 import pytest
 
-from tiny_runs import one_thread, train_run
-
-BLOCK, HEADER = 32 * 1024, 7
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-
+from tiny_runs import one_thread, train_run, wandb_records
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     yield from one_thread()
-
-
-def wandb_records(path: Path) -> list:
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    out, pos, parts = [], HEADER, b""
-    while pos + 7 <= len(data):
-        left = BLOCK - pos % BLOCK
-        if left < 7:  # a block's tail too short for a header is padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
-        if kind in (FULL, FIRST):
-            parts = chunk
-        elif kind in (MIDDLE, LAST):
-            parts += chunk
-        if kind in (FULL, LAST):
-            record = pb.Record()
-            record.ParseFromString(parts)
-            out.append(record)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +33,8 @@ def wandb_run(tmp_path_factory):
 
 def test_run_is_named_and_grouped(wandb_run):
     run_dir, result = wandb_run
-    files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1
-    records = wandb_records(files[0])
+    assert len(list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    records = wandb_records(run_dir)
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert runs
     # README: named by method, rank, alpha and precision; the group is the sweep's name.
@@ -76,8 +45,9 @@ def test_run_is_named_and_grouped(wandb_run):
     for r in records:
         if r.WhichOneof("record_type") == "config":
             config.update({u.key: json.loads(u.value_json) for u in r.config.update if u.key})
-    assert config["method"]["name"] == "lora" and config["method"]["r"] == 4  # the resolved config
-    assert config["model"]["name"] == "tiny-llama"
+    # The resolved config, flattened: the comparison axes as top-level columns, the rest as group/key.
+    assert config["method"] == "lora" and config["r"] == 4 and config["alpha"] == 8
+    assert config["model"] == "tiny-llama" and config["method/target_modules"] == ["q_proj", "v_proj"]
 
     summary = {}
     for r in records:
