@@ -395,6 +395,31 @@ def table(results: dict, lengths: list[str], ways: list[str]) -> str:
     return "\n".join(lines)
 
 
+# Issue #17's targets: (length, way, measure, bound, at most?) on the per-round ratio to hf-dynamic.
+TARGETS = [("long", "ftlab", "peak_rss", 0.8, True), ("long", "ftlab", "tok_s", 1.0, False),
+           ("long", "ftlab-ckpt", "peak_rss", 0.5, True), ("long", "ftlab-ckpt", "step_s", 1.4, True),
+           ("short", "ftlab", "tok_s", 1.0, False), ("short", "ftlab-pack", "tok_s", 1.25, False)]
+
+
+def _measure(run: dict, measure: str) -> float:
+    return {"peak_rss": run["peak_rss_mb"], "tok_s": run["tok_s"], "step_s": statistics.median(run["step_s"])}[measure]
+
+
+def verdicts(results: dict) -> list[str]:
+    """One PASS/FAIL line per target whose ways were measured (median of the per-round ratios)."""
+    out = []
+    for length, way, measure, bound, at_most in TARGETS:
+        runs, base = results.get(length, {}).get(way), results.get(length, {}).get(BASELINE)
+        if not runs or not base:
+            continue
+        ratios = [_measure(r, measure) / _measure(b, measure) for r, b in zip(runs, base)]
+        ratio = statistics.median(ratios)
+        ok = ratio <= bound if at_most else ratio >= bound
+        out.append(f"- {'PASS' if ok else 'FAIL'}: {length}, {WAYS[way]}: {measure} {ratio:.2f}x of HF dynamic "
+                   f"(rounds {', '.join(f'{x:.2f}' for x in ratios)}); target {'<=' if at_most else '>='} {bound}x")
+    return out
+
+
 def parent(args) -> None:
     ways = args.ways.split(",")
     lengths = args.lengths.split(",")
@@ -428,6 +453,8 @@ def parent(args) -> None:
           f"wall {time.perf_counter() - started:.0f} s")
     print()
     print(table(results, lengths, ways))
+    print()
+    print("\n".join(verdicts(results)))
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "load_start": load_start, "load_end": load_end,
                                               "mean_tokens": lens, "results": results}, indent=1))
