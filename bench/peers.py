@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -385,12 +386,13 @@ def table(results: dict, lengths: list[str], ways: list[str]) -> str:
             tok = statistics.median(r["tok_s"] for r in runs)
             step = statistics.median(statistics.median(r["step_s"]) for r in runs)
             rss = statistics.median(r["peak_rss_mb"] for r in runs)
-            eff = sum(sum(r["useful"]) for r in runs) / max(1, sum(sum(r["computed"]) for r in runs))
+            computed = sum(sum(r.get("computed", [])) for r in runs)
+            eff = f"{sum(sum(r['useful']) for r in runs) / computed:.1%}" if computed else "-"
             ratios = [_ratio([r["tok_s"] / b["tok_s"] for r, b in pairs]),
                       _ratio([statistics.median(r["step_s"]) / statistics.median(b["step_s"]) for r, b in pairs]),
                       _ratio([r["peak_rss_mb"] / b["peak_rss_mb"] for r, b in pairs])]
             timed = sum(len(r["step_s"]) for r in runs)
-            lines.append(f"| {length} | {WAYS[way]} | {_fmt(tok)} | {_fmt(step)} | {timed} | {eff:.1%} | "
+            lines.append(f"| {length} | {WAYS[way]} | {_fmt(tok)} | {_fmt(step)} | {timed} | {eff} | "
                          f"{rss:,.0f} | " + " | ".join(ratios) + " |")
     return "\n".join(lines)
 
@@ -438,6 +440,8 @@ def parent(args) -> None:
                     continue
                 r = run_child(args, way, paths[length])
                 results.setdefault(length, {}).setdefault(way, []).append(r)
+                if args.out:  # after every way: an interrupted run keeps what it measured
+                    Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
                 log(f"round {rnd + 1}/{args.rounds} {length:5} {way:11} {_fmt(r['tok_s'])} tok/s, "
                     f"steps {[round(t, 2) for t in r['step_s']]} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
                     f"wall {r['wall_s']:.0f} s" + (f", RSS after load {r['rss_after_load_mb']:.0f} MB, peak "
@@ -472,6 +476,29 @@ def _lengths(path: Path, args) -> float:
     return sum(sizes) / len(sizes)
 
 
+LOG_LINE = re.compile(r"^round (\d+)/\d+ (\w+)\s+([\w-]+)\s+([\d,.]+) tok/s, steps \[([^\]]*)\] s, "
+                      r"peak RSS (\d+) MB")
+
+
+def from_log(path: str) -> None:
+    """The table and verdicts from a run stopped early: its ``children.jsonl`` (in the data
+    directory, every way's full result), or the progress lines of its stderr (rounded)."""
+    results: dict[str, dict[str, list]] = {}
+    for line in Path(path).read_text().splitlines():
+        m = LOG_LINE.match(line)
+        if line.startswith("{"):
+            r = json.loads(line)
+            results.setdefault(r["length"], {}).setdefault(r["way"], []).append(r)
+        elif m:
+            _, length, way, tok, steps, rss = m.groups()
+            results.setdefault(length, {}).setdefault(way, []).append(
+                {"tok_s": float(tok.replace(",", "")), "step_s": [float(s) for s in steps.split(",")],
+                 "peak_rss_mb": float(rss), "useful": []})
+    print(table(results, ["short", "long"], list(WAYS)))
+    print()
+    print("\n".join(verdicts(results)))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ways", default=",".join(WAYS), help=f"comma-separated, of: {', '.join(WAYS)}")
@@ -492,6 +519,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="smoke test: tiny model, 32 records, 1 round, 1 step, all ways in one process")
     ap.add_argument("--profile", action="store_true", help="peak RSS by phase of the step (slower: hooks)")
     ap.add_argument("--in-process", action="store_true", help="all ways in this process (peak RSS not per way)")
+    ap.add_argument("--from-log", help="print the table from a run's children.jsonl or stderr, and exit")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -499,8 +527,14 @@ def main(argv: list[str] | None = None) -> None:
         args.model, args.records, args.max_length, args.rounds, args.steps = "tiny-llama", 32, 128, 1, 1
         args.threads, args.tasks_per_long, args.max_length, args.in_process = 1, 2, 256, True
     globals()["LightningClock"] = _lightning_clock()  # for Hydra's _target_: __main__.LightningClock
-    if args.child:
-        print("PEERS " + json.dumps(child(args)), flush=True)
+    if args.from_log:
+        from_log(args.from_log)
+    elif args.child:
+        result = child(args)
+        result.update(length=Path(args.data).stem, loadavg=Path("/proc/loadavg").read_text().split()[:3])
+        with open(Path(args.data).parent / "children.jsonl", "a") as f:  # every way's result, as it comes
+            f.write(json.dumps(result) + "\n")
+        print("PEERS " + json.dumps(result), flush=True)
     else:
         parent(args)
 
