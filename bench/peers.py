@@ -139,7 +139,7 @@ class Clock:
         computed = self.computed[self.warmup:self.warmup + len(times)]
         return {"step_s": times, "useful": useful, "computed": computed,
                 "tok_s": sum(useful) / sum(times) if times else None,
-                "rss_after_load_mb": self.rss_at_first_step}
+                "rss_after_first_step_mb": self.rss_at_first_step}
 
 
 class RSSProfile:
@@ -442,9 +442,9 @@ def parent(args) -> None:
                 results.setdefault(length, {}).setdefault(way, []).append(r)
                 if args.out:  # after every way: an interrupted run keeps what it measured
                     Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-                log(f"round {rnd + 1}/{args.rounds} {length:5} {way:11} {_fmt(r['tok_s'])} tok/s, "
+                log(f"round {rnd + 1}/{args.rounds} {length:5} {way:11} {r['tok_s']:.2f} tok/s, "
                     f"steps {[round(t, 2) for t in r['step_s']]} s, peak RSS {r['peak_rss_mb']:.0f} MB, "
-                    f"wall {r['wall_s']:.0f} s" + (f", RSS after load {r['rss_after_load_mb']:.0f} MB, peak "
+                    f"wall {r['wall_s']:.0f} s" + (f", RSS after step 1 {r['rss_after_first_step_mb']:.0f} MB, peak "
                                                    f"by phase {r['rss_peak_by_phase_mb']}" if args.profile else ""))
     load_end = Path("/proc/loadavg").read_text().split()[:3]
     lens = {n: _lengths(paths[n], argparse.Namespace(**{**vars(args), "data": str(paths[n])})) for n in lengths}
