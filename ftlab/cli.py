@@ -178,14 +178,14 @@ def _task(cfg) -> float:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from ftlab.models.reuse import keep_bases
+    from ftlab.models.reuse import asked_for, keep_bases
     from ftlab.run import train
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
-    # Jobs one after another in this process: each starts from a copy of the base loaded once.
-    keep_bases(multirun and hc.launcher.get("_target_", "").endswith(".BasicLauncher"))
+    # Jobs one after another in this process: each may start from a copy of the base loaded once.
+    keep_bases(multirun and asked_for() and hc.launcher.get("_target_", "").endswith(".BasicLauncher"))
     if multirun and read_metrics(run_dir).get("status") == "completed":
         return _completed_job(cfg, run_dir, hc.job.num)
     try:

@@ -1,14 +1,15 @@
 """The loaded base model, kept for the next job of the same process (a Hydra multirun).
 
 Hydra's basic launcher runs a sweep's jobs one after another in one process; most of them load
-the same base model. With :func:`keep_bases` on (``ftlab.cli`` turns it on for a multirun
-whose launcher is that sequential one), :func:`load_base` keeps one pristine copy of the last
-base it loaded and hands every later job that asks for the same base a deep copy of it
-(``copy.deepcopy``: tied weights stay tied, buffers and config come along), instead of reading
-the weights again. A job never trains the kept copy: methods change the model they are given
-in place (PiSSA rewrites W, Delta-LoRA moves W0, full fine-tuning trains every weight, peft
-injects its layers into the module tree), so each job gets its own copy, bit-identical to a
-fresh load (tests/test_base_reuse.py compares the hashes of the state dicts).
+the same base model. With :func:`keep_bases` on (``ftlab.cli`` turns it on for a multirun whose
+launcher is that sequential one, when ``FTLAB_REUSE_BASE=1`` asks for it), :func:`load_base`
+keeps one pristine copy of the last base it loaded and hands every later job that asks for the
+same base a deep copy of it (``copy.deepcopy``: tied weights stay tied, buffers and config come
+along), instead of reading the weights again. A job never trains the kept copy: methods change
+the model they are given in place (PiSSA rewrites W, Delta-LoRA moves W0, full fine-tuning
+trains every weight, peft injects its layers into the module tree), so each job gets its own
+copy, bit-identical to a fresh load (tests/test_base_reuse.py compares the hashes of the state
+dicts).
 
 What identifies a base: every model setting (source, name, path or hub id, packaged file,
 dtype, quantization, task and the label set of a classification head, architecture), the
@@ -25,8 +26,11 @@ quantization state outside the tensor data (``Params4bit.quant_state``, ``Int8Pa
 ``CB``/``SCB``) and re-quantizes when a weight moves to another device, so a deep copy is not
 known to give the same base; they load from disk for each job.
 
-The cost is memory: the kept copy (one base's weights, e.g. 513 MiB for SmolLM2-135M in fp32)
-stays in the process's memory while the jobs run; ``FTLAB_REUSE_BASE=0`` turns reuse off.
+Opt-in, because it does not pay where a reload is cheap. Measured on SmolLM2-135M (2-core CPU,
+docs/training.md): a reload from ftlab's safetensors cache takes about 1.1 s once the process has
+loaded it before, a deep copy of the kept model and tokenizer about 1.8 s, and the kept copy
+holds 513 MiB more for the whole sweep. Reuse pays where loading is slow: weights read from a
+slow or network disk, ``.bin`` checkpoints (unpickled), large random initialisations.
 """
 
 from __future__ import annotations
@@ -65,11 +69,15 @@ _kept: list[_Entry] = []  # at most one: the last base loaded
 
 
 def keep_bases(on: bool = True) -> None:
-    """Keep the last loaded base for later jobs of this process (off: drop it and load each time).
-    ``FTLAB_REUSE_BASE=0`` in the environment overrides ``on``."""
-    _state["keep"] = bool(on) and os.environ.get("FTLAB_REUSE_BASE", "1") not in ("0", "false", "no")
+    """Keep the last loaded base for later jobs of this process (off: drop it and load each time)."""
+    _state["keep"] = bool(on)
     if not _state["keep"]:
         clear()
+
+
+def asked_for() -> bool:
+    """``FTLAB_REUSE_BASE=1`` in the environment: reuse is opt-in (see the module docstring)."""
+    return os.environ.get("FTLAB_REUSE_BASE", "0").lower() in ("1", "true", "yes")
 
 
 def clear() -> None:
@@ -107,8 +115,7 @@ def load_base(settings: ModelSettings, seed: int = 0, labels: list[str] | None =
         model, tokenizer = copy.deepcopy(entry.model), copy.deepcopy(entry.tokenizer)
         if entry.draws_random:
             torch.set_rng_state(entry.rng_after)
-        say(f"ftlab: base model {settings.name!r} reused from the previous job of this process "
-            "(a fresh copy; FTLAB_REUSE_BASE=0 loads it again)")
+        say(f"ftlab: base model {settings.name!r} reused from the previous job of this process (a fresh copy)")
         return model, tokenizer, True
     clear()  # the old base's memory goes before the new one loads
     before = torch.get_rng_state()
