@@ -178,9 +178,13 @@ def _task(cfg) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from ftlab.models.reuse import asked_for, keep_bases
+
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     multirun = hc.mode == RunMode.MULTIRUN
+    # Jobs one after another in this process: each may start from a copy of the base loaded once.
+    keep_bases(multirun and asked_for() and hc.launcher.get("_target_", "").endswith(".BasicLauncher"))
     if multirun and read_metrics(run_dir).get("status") == "completed":
         return _completed_job(cfg, run_dir, hc.job.num)
     with capture_output(run_dir / TRAIN_LOG):  # what the job prints, also in its directory

@@ -25,7 +25,8 @@ from ftlab.io import atomic_directory, write_json
 from ftlab.methods import count_parameters, method_from_spec
 from ftlab.methods.quantized import base_quantization, check_quantized_base
 from ftlab.metrics.memory import peak_memory_mb, process_age_s, reset_peak_memory
-from ftlab.models import check_available, load_model, meta_model
+from ftlab.models import check_available, meta_model
+from ftlab.models.reuse import load_base
 from ftlab.planning.counts import parameter_summary
 from ftlab.training.checkpoints import AtomicCheckpointIO, RunState, checkpoint_identity
 from ftlab.training import eval_cache
@@ -100,7 +101,8 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     L.seed_everything(s.seed, workers=True, verbose=False)
     say(f"ftlab: model {s.model.name!r}, method {s.method['name']!r}, data {s.data.name!r} -> {run_dir}")
     model_settings = dataclasses.replace(s.model, quantization=base_quantization(method, s.model.quantization))
-    model, tokenizer = load_model(model_settings, seed=s.seed, labels=data.labels)
+    # A fresh copy of the base kept from the previous job of a multirun, or loaded (models/reuse.py).
+    model, tokenizer, base_reused = load_base(model_settings, seed=s.seed, labels=data.labels)
     if s.hardware.gradient_checkpointing:
         enable_gradient_checkpointing(model)
 
@@ -134,7 +136,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
                               "lr": s.optimizer.lr, "precision": str(s.hardware.precision),
                               "world_size": trainer.world_size,
                               "gradient_checkpointing": s.hardware.gradient_checkpointing,
-                              "quantization": model_settings.quantization,
+                              "quantization": model_settings.quantization, "base_reused": base_reused,
                               "trainable_params": trainable, "total_params": total,
                               "validation": "on" if s.validates else "off",
                               "train_examples": len(data.train_set), "val_examples": len(data.val_set),

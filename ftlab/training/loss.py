@@ -161,6 +161,24 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return F.linear(h, weight, bias).float()
 
 
+# In place: one chunk of logits is the only [chunk x vocabulary] tensor alive (torch.logsumexp and
+# torch.softmax allocate another, and ``p * g`` a third), at the step's peak of memory, where every
+# activation is still held for backward.
+def _logsumexp_(z: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(z, -1)``; overwrites ``z`` (fp32 logits nobody else holds)."""
+    top = z.amax(-1, keepdim=True)
+    top.masked_fill_(~torch.isfinite(top), 0.0)
+    return z.sub_(top).exp_().sum(-1).log_().add_(top.squeeze(-1))
+
+
+def _softmax_(z: torch.Tensor) -> torch.Tensor:
+    """``softmax(z, -1)`` computed in ``z``'s own memory."""
+    top = z.amax(-1, keepdim=True)
+    top.masked_fill_(~torch.isfinite(top), 0.0)
+    z.sub_(top).exp_()
+    return z.div_(z.sum(-1, keepdim=True))
+
+
 class ChunkedCrossEntropy(torch.autograd.Function):
     """``sum_i logsumexp(h_i W^T + b) - (h_i W^T + b)[y_i]`` over rows ``h`` [n, H] with targets
     ``y`` [n] (all scored), ``chunk`` rows at a time in both passes (see the module docstring)."""
@@ -173,7 +191,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             z = F.linear(hidden[s:s + chunk], weight, bias)
             dtype = z.dtype  # the matmul's dtype (autocast's), recomputed alike in backward
             z = z.float()
-            total += (torch.logsumexp(z, -1) - z.gather(1, targets[s:s + chunk, None]).squeeze(1)).sum()
+            picked = z.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            total += (_logsumexp_(z) - picked).sum()
+            del z
         ctx.save_for_backward(hidden, weight, bias, targets)
         ctx.chunk, ctx.dtype = chunk, dtype
         return total
@@ -190,9 +210,9 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             h = hidden[s:s + chunk]
-            p = torch.softmax(_chunk_logits(h, w, bias, dtype), -1)
+            p = _softmax_(_chunk_logits(h, w, bias, dtype))
             p[rows[:h.shape[0]], targets[s:s + chunk]] -= 1
-            g = (p * grad_total).to(dtype)
+            g = p.mul_(grad_total).to(dtype)
             del p
             if need_h:
                 grad_h[s:s + chunk] = g @ w
