@@ -21,7 +21,7 @@ from ftlab.config import RunSettings, check_warmup
 from ftlab.console import say
 from ftlab.data import DataModule
 from ftlab.errors import ConfigError
-from ftlab.io import atomic_directory, write_json
+from ftlab.io import atomic_directory, remove_orphans, write_json
 from ftlab.methods import count_parameters, method_from_spec
 from ftlab.methods.quantized import base_quantization, check_quantized_base
 from ftlab.metrics.memory import peak_memory_mb, process_age_s, reset_peak_memory
@@ -118,6 +118,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
                             loss_chunk_size=s.loss.chunk_size)
     if resume is not None:
         resume.check_model(module.model)  # a foreign checkpoint is refused before anything is written
+        remove_orphans(run_dir)  # temporary files of writes a kill interrupted
     label = run_label(s)
     logger = build_logger(s.logger, run_dir, label, s.sweep_name or s.method["name"], config or {})
     state, stop = RunState(checkpoint_identity(s)), GracefulStop(run_dir / "checkpoints" / "last.ckpt")
@@ -162,7 +163,8 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
         # checkpoint, so a resumed run sees the same batches (ftlab/training/loaders.py).
         trainer.fit(module, train_dataloaders=resumable_loader(data.train_dataloader(), s.seed),
                     val_dataloaders=own_generator(data.val_dataloader()),
-                    ckpt_path=str(resume.checkpoint) if resume is not None else None)
+                    ckpt_path=str(resume.checkpoint) if resume is not None else None,
+                    weights_only=True)  # tensors and plain types only: no code runs from a checkpoint
     train_time = time.perf_counter() - fit_start
     clock.lap("train")
     ckpt_dir = run_dir / "checkpoints"

@@ -37,6 +37,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         torch_save(checkpoint, Path(path))
 
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None):
+        """Every checkpoint Lightning reads (resume, ``ckpt_path=``) with ``weights_only=True``:
+        ftlab writes only tensors and plain Python values, so a file that needs more (a pickled
+        object, code to run) is refused rather than executed."""
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
 
 def rng_state() -> dict[str, Any]:
     """Every global generator training draws from, in types ``torch.load(weights_only=True)`` reads."""
