@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ftlab.console import fail, is_rank_zero, quiet_third_party, say
 from ftlab.errors import ConfigError, UserError
-from ftlab.io import write_json, write_text
+from ftlab.io import EXIT_WRITE, WriteError, check_writable, write_json, write_text
 from ftlab.rundir import read_metrics
 from ftlab.settings import config_dir, explain_compose_error, first_line, resolved, settings_from_config
 from ftlab.sweeps import expand_jobs, expand_sweep
@@ -113,6 +113,7 @@ def preflight(argv: list[str]) -> list[str]:
                 run_dir = _unused_dir(Path(cfg.hydra.run.dir), explicit=_has(job, "hydra.run.dir"))
                 settings = settings_from_config(cfg, str(run_dir))
                 _check_before_weights(settings)
+                check_writable(run_dir)  # before Hydra creates it (its error would be a traceback)
                 pinned = f"hydra.run.dir={run_dir}"
             else:
                 # Each job's values are checked when it runs; a bad combination fails that job
@@ -125,6 +126,7 @@ def preflight(argv: list[str]) -> list[str]:
                 say(f"ftlab: continuing the sweep in {sweep_dir}: jobs already completed are skipped")
             else:
                 sweep_dir = _unused_dir(sweep_dir, explicit=_has(overrides, "hydra.sweep.dir"))
+            check_writable(sweep_dir)
             pinned = f"hydra.sweep.dir={sweep_dir}"
     GlobalHydra.instance().clear()
     rest = [a for a in overrides if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
@@ -203,7 +205,7 @@ def _task(cfg) -> float:
         return float(objective)
     except UserError as err:
         if not multirun:
-            fail(str(err))
+            _fail(err, run_dir)
         print(f"ftlab: job {hc.job.num} failed: {err}", file=sys.stderr, flush=True)
         # A run that failed while training (a NaN loss) already recorded where: keep that.
         write_json(run_dir / "metrics.json", {**read_metrics(run_dir), "status": "failed",
@@ -253,7 +255,18 @@ def resume(argv: list[str]) -> None:
     try:
         train(settings, config=config, resume=point)
     except UserError as err:
-        fail(str(err))
+        _fail(err, point.run_dir)
+
+
+def _fail(err: UserError, run_dir: Path) -> None:
+    """One line and exit 2; a write that failed once training had started exits 74 and says
+    where the run can continue from."""
+    if isinstance(err, WriteError) and err.mid_run:
+        where = (f"the last checkpoint ({err.last_checkpoint}) is intact; free space (or fix the "
+                 f"permissions) and continue with: python -m ftlab resume={run_dir}"
+                 if err.last_checkpoint else "the run had written no checkpoint yet; start it again")
+        fail(f"{err}. The run stopped; {where}", status=EXIT_WRITE)
+    fail(str(err))
 
 
 def _parse_resume(argv: list[str]) -> tuple[str, Path | None, list[tuple[str, str, str]]]:

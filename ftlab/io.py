@@ -29,7 +29,9 @@ from ftlab.errors import UserError
 # Reasons a write fails that the user can act on (space, quota, permissions, read-only mount).
 _ENVIRONMENT = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+                errno.EPERM: "operation not permitted", errno.EFBIG: "file too large",
+                errno.EIO: "input/output error"}
+WRITE_ERRNOS = frozenset(_ENVIRONMENT)
 
 
 class WriteError(UserError):
@@ -44,6 +46,8 @@ class WriteError(UserError):
         super().__init__(f"cannot write {path}: {reason} ({errno.errorcode.get(err.errno, err.errno)}); "
                          "what was there before is unchanged")
         self.path, self.errno = Path(path), err.errno
+        self.mid_run = False  # set once training has started (ftlab.training.faults.write_failures)
+        self.last_checkpoint: Path | None = None
 
 
 EXIT_WRITE = 74
@@ -53,7 +57,7 @@ _ORPHAN = re.compile(r"^\..+(\.tmp-|-tmp-|-old-)[a-z0-9_]{8}$")
 
 def _failed_write(path: Path, err: BaseException) -> BaseException:
     """``err`` as a :class:`WriteError` when it is an OSError of the environment."""
-    if isinstance(err, WriteError) or not isinstance(err, OSError) or err.errno is None:
+    if isinstance(err, WriteError) or not isinstance(err, OSError) or err.errno not in WRITE_ERRNOS:
         return err
     return WriteError(path, err)
 
@@ -186,3 +190,16 @@ def remove_orphans(directory: str | Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def check_writable(directory: str | Path) -> None:
+    """Create ``directory`` (and its parents) and a file in it, or raise :class:`WriteError`:
+    an output directory that cannot be written is refused before any work."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".ftlab-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:  # whatever the reason (a file in the way, permissions, space)
+        raise WriteError(directory, err) from None

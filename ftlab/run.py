@@ -30,7 +30,7 @@ from ftlab.planning.counts import parameter_summary
 from ftlab.training.checkpoints import AtomicCheckpointIO, RunState, checkpoint_identity
 from ftlab.training import eval_cache
 from ftlab.training.evaluation import VAL_SCORES, evaluate_held_out
-from ftlab.training.faults import GracefulStop, NonFiniteLossGuard, supervise
+from ftlab.training.faults import GracefulStop, NonFiniteLossGuard, supervise, write_failures
 from ftlab.training.hardware import (build_strategy, check_hardware, enable_gradient_checkpointing,
                                      full_parameters, keep_trainable_in_fp32, world_size)
 from ftlab.training.loaders import own_generator, resumable_loader
@@ -157,45 +157,46 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     def history() -> dict[str, Any]:  # the curves so far, for a run that stops early
         return {"val_history": module.val_history, "train_loss_history": state.train_losses}
 
-    fit_start = time.perf_counter()
-    with supervise(stop, run_dir, result, history, write_json if writer else None):
-        # Loaders whose order is a function of (seed, epoch) and whose position goes into the
-        # checkpoint, so a resumed run sees the same batches (ftlab/training/loaders.py).
-        trainer.fit(module, train_dataloaders=resumable_loader(data.train_dataloader(), s.seed),
-                    val_dataloaders=own_generator(data.val_dataloader()),
-                    ckpt_path=str(resume.checkpoint) if resume is not None else None,
-                    weights_only=True)  # tensors and plain types only: no code runs from a checkpoint
-    train_time = time.perf_counter() - fit_start
-    clock.lap("train")
-    ckpt_dir = run_dir / "checkpoints"
-    if writer:
-        ckpt_dir.mkdir(exist_ok=True)
-    trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))  # every rank calls; rank zero writes
-    clock.lap("checkpoint")  # the last checkpoint
-    if s.validates:
-        result.update(evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, ""))
-    clock.lap("eval_after")
-
-    with full_parameters(trainer, module.model):  # every rank enters: sharded weights gather
+    with write_failures(run_dir, result, write_json if writer else None):
+        fit_start = time.perf_counter()
+        with supervise(stop, run_dir, result, history, write_json if writer else None):
+            # Loaders whose order is a function of (seed, epoch) and whose position goes into the
+            # checkpoint, so a resumed run sees the same batches (ftlab/training/loaders.py).
+            trainer.fit(module, train_dataloaders=resumable_loader(data.train_dataloader(), s.seed),
+                        val_dataloaders=own_generator(data.val_dataloader()),
+                        ckpt_path=str(resume.checkpoint) if resume is not None else None,
+                        weights_only=True)  # tensors and plain types only: no code runs from a checkpoint
+        train_time = time.perf_counter() - fit_start
+        clock.lap("train")
+        ckpt_dir = run_dir / "checkpoints"
         if writer:
-            _save_trained(method, module, tokenizer, run_dir / method.traits.artifact)
+            ckpt_dir.mkdir(exist_ok=True)
+        trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))  # every rank calls; rank zero writes
+        clock.lap("checkpoint")  # the last checkpoint
+        if s.validates:
+            result.update(evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, ""))
+        clock.lap("eval_after")
 
-    result["best"] = _keep_best(trainer, module, method, tokenizer, s, run_dir, writer)
-    clock.lap("save")
-    result.update(module.throughput())
-    result.update({
-        "status": "completed",
-        "steps": int(trainer.global_step),
-        "train_loss_final": module.train_losses[-1][1] if module.train_losses else None,
-        "peak_memory_mb": peak_memory_mb(),
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - started,
-        **clock.summary(),
-        "val_history": module.val_history,
-        "train_loss_history": module.train_losses,
-    })
-    if writer:
-        write_json(run_dir / "metrics.json", result)
+        with full_parameters(trainer, module.model):  # every rank enters: sharded weights gather
+            if writer:
+                _save_trained(method, module, tokenizer, run_dir / method.traits.artifact)
+
+        result["best"] = _keep_best(trainer, module, method, tokenizer, s, run_dir, writer)
+        clock.lap("save")
+        result.update(module.throughput())
+        result.update({
+            "status": "completed",
+            "steps": int(trainer.global_step),
+            "train_loss_final": module.train_losses[-1][1] if module.train_losses else None,
+            "peak_memory_mb": peak_memory_mb(),
+            "train_time_s": train_time,
+            "wall_time_s": time.perf_counter() - started,
+            **clock.summary(),
+            "val_history": module.val_history,
+            "train_loss_history": module.train_losses,
+        })
+        if writer:
+            write_json(run_dir / "metrics.json", result)
     say(_final_report(result))
     finish_logger(logger, s.logger, result)
     return result

@@ -1,4 +1,4 @@
-"""Kill a run with SIGKILL at a chosen write, deterministically (test helper, not part of ftlab).
+"""Kill a run with SIGKILL, or make a write fail, at a chosen write (test helper, not part of ftlab).
 
 A run writes its directory in a fixed order (config, metrics, each checkpoint's temporary file
 and rename, the adapter's scratch directory and rename, ...). A Python audit hook sees every
@@ -11,11 +11,14 @@ not events; the directory they write into is.
 
 The run happens in a forked child of the test process (imports already done: seconds, not the
 half minute of a fresh interpreter), which installs the hook; audit hooks cannot be removed,
-and the child exits with the run.
+and the child exits with the run. The same hook can instead make a matching write fail with an
+``OSError`` (disk full, read-only file system), as the kernel would.
 """
 
 from __future__ import annotations
 
+import errno as errnos
+import fnmatch
 import json
 import os
 import signal
@@ -24,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
+ENOSPC, EROFS = errnos.ENOSPC, errnos.EROFS
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 EVENTS = ("os.mkdir", "os.rename", "os.remove", "os.rmdir")
 
@@ -43,9 +47,11 @@ def _write_event(event: str, args: tuple) -> str | None:
     return os.fsdecode(path)
 
 
-def watch(run_dir: Path, kill_at: int | None, log: list[tuple[str, str]]) -> None:
+def watch(run_dir: Path, kill_at: int | None, log: list[tuple[str, str]],
+          fail: tuple[str, int] | None = None) -> None:
     """Record every write under ``run_dir`` in ``log``; SIGKILL this process at write number
-    ``kill_at`` (0-based), before it happens."""
+    ``kill_at`` (0-based), before it happens. ``fail=(glob, errno)``: every write to a path
+    (relative to ``run_dir``) matching ``glob`` raises ``OSError(errno)`` instead."""
     root = os.path.realpath(run_dir)
 
     def hook(event: str, args: tuple) -> None:
@@ -55,15 +61,18 @@ def watch(run_dir: Path, kill_at: int | None, log: list[tuple[str, str]]) -> Non
         full = os.path.realpath(path)
         if full != root and not full.startswith(root + os.sep):
             return
+        rel = os.path.relpath(full, root)
         if kill_at is not None and len(log) == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        log.append((event, os.path.relpath(full, root)))
+        log.append((event, rel))
+        if fail is not None and fnmatch.fnmatch(rel, fail[0]):
+            raise OSError(fail[1], os.strerror(fail[1]), full)
 
     sys.addaudithook(hook)
 
 
 def run_forked(run_dir: Path, body: Callable[[], None], kill_at: int | None = None,
-               events_file: Path | None = None) -> int:
+               events_file: Path | None = None, fail: tuple[str, int] | None = None) -> int:
     """Run ``body()`` in a forked child watched as in :func:`watch`; returns the child's wait
     status as ``-signal`` or the exit code. ``events_file``: the writes it made, as JSON."""
     sys.stdout.flush()
@@ -73,10 +82,12 @@ def run_forked(run_dir: Path, body: Callable[[], None], kill_at: int | None = No
         code = 0
         try:
             log: list[tuple[str, str]] = []
-            watch(run_dir, kill_at, log)
+            watch(run_dir, kill_at, log, fail)
             body()
             if events_file is not None:
                 events_file.write_text(json.dumps(log))
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
         except BaseException:  # noqa: BLE001  reported by the parent through the exit code
             traceback.print_exc()
             code = 1

@@ -9,6 +9,11 @@
 - **SIGKILL** cannot be caught: what protects the run then is that checkpoints, the adapter and
   ``metrics.json`` are written to a temporary name and renamed into place
   (:class:`ftlab.training.checkpoints.AtomicCheckpointIO`), so the previous checkpoint stays whole.
+- **A write that fails** once training has started (disk full, quota, a directory that became
+  read-only): the run stops with one line naming the path (:class:`ftlab.io.WriteError`) and
+  exit status 74 (``EX_IOERR``); the checkpoints and adapter written before stay whole (each is
+  written beside its target and renamed into place), and ``metrics.json`` says ``"failed"`` if
+  it can still be written. Before training the same error is bad input: exit status 2.
 - **A NaN or infinite loss** stops the run before that step's backward pass (the parameters
   are not touched), with a message naming the step; the checkpoints written so far stay, and
   ``metrics.json`` says ``"status": "failed"``.
@@ -26,6 +31,7 @@ import lightning as L
 import torch
 
 from ftlab.errors import UserError
+from ftlab.io import WRITE_ERRNOS, WriteError
 from ftlab.training.checkpoints import checkpoints
 
 HANDLED = (signal.SIGTERM, signal.SIGINT)
@@ -155,3 +161,37 @@ def supervise(stop: GracefulStop, run_dir: Path, result: dict[str, Any],
         raise
     finally:
         stop.uninstall()
+
+
+@contextmanager
+def write_failures(run_dir: Path, result: dict[str, Any], write: Callable[[Path, dict], None] | None):
+    """From the start of training on: a write that fails ends the run as a
+    :class:`~ftlab.io.WriteError` marked ``mid_run`` (the command exits 74), recorded in
+    ``metrics.json`` where that can still be written. An ``OSError`` of the environment raised
+    by a library's own write (Lightning's directories, the csv logger) is turned into one."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        failed = WriteError(err.filename or run_dir, err)
+        failed.mid_run = True
+        _record_failure(run_dir, result, failed, write)
+        raise failed from None
+    except WriteError as err:
+        err.mid_run = True
+        _record_failure(run_dir, result, err, write)
+        raise
+
+
+def _record_failure(run_dir: Path, result: dict[str, Any], err: WriteError,
+                    write: Callable[[Path, dict], None] | None) -> None:
+    kept = checkpoints(run_dir)
+    err.last_checkpoint = max(kept, key=lambda p: p.stat().st_mtime) if kept else None
+    result.update(status="failed", error=str(err),
+                  last_checkpoint=str(err.last_checkpoint) if err.last_checkpoint else None)
+    if write:
+        try:
+            write(Path(run_dir) / "metrics.json", result)
+        except WriteError:
+            pass  # the disk that refused the first write may refuse this one too
