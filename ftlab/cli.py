@@ -24,7 +24,9 @@ from ftlab.io import EXIT_WRITE, WriteError, check_writable, write_json, write_t
 from ftlab.rundir import read_metrics
 from ftlab.settings import config_dir, explain_compose_error, first_line, resolved, settings_from_config
 from ftlab.sweeps import expand_jobs, expand_sweep
+from ftlab.training.checkpoints import checkpoints
 from ftlab.training.hardware import register_resolvers
+from ftlab.training.preemption import record_job, requeued_run
 
 # Hydra flags that print something and exit: let Hydra handle them untouched.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
@@ -43,8 +45,16 @@ def main(argv: list[str] | None = None) -> None:
         return resume(argv)  # continues a run in its own directory, no Hydra
     flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
     if not flags & _INFO_FLAGS and not flags & {"--config-path", "-cp", "--experimental-rerun"}:
+        single = not flags & {"-m", "--multirun"}
+        # A SLURM job started again after a requeue: the same command continues its run.
+        again = requeued_run(argv, _run_dir_arg(argv)) if single else None
+        if again is not None and checkpoints(again):
+            say(f"ftlab: SLURM job started again: continuing {again}")
+            return resume([*argv, f"resume={again}"])
         try:
-            argv = preflight(expand_sweep(argv))
+            command, argv = argv, preflight(expand_sweep(argv), reuse=again)
+            if single:
+                record_job(_run_dir_arg(argv), command)
         except UserError as err:
             fail(str(err))
     sys.argv = [sys.argv[0]] + argv
@@ -83,8 +93,16 @@ def _split(argv: list[str]) -> tuple[list[str], list[str], bool, str, Path]:
     return overrides, flags, multirun, name, directory
 
 
-def preflight(argv: list[str]) -> list[str]:
-    """Compose and validate every job; return argv with the output directory pinned."""
+def _run_dir_arg(argv: list[str]) -> Path | None:
+    """The last ``hydra.run.dir=`` of a command line, if any."""
+    given = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0].lstrip("+~") == "hydra.run.dir"]
+    return Path(given[-1]) if given else None
+
+
+def preflight(argv: list[str], reuse: Path | None = None) -> list[str]:
+    """Compose and validate every job; return argv with the output directory pinned
+    (``reuse``: a run directory this SLURM job started before its requeue, without checkpoints,
+    which it starts again)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -110,7 +128,9 @@ def preflight(argv: list[str]) -> list[str]:
                 pinned = f"hydra.run.dir={cfg.hydra.run.dir}"
                 overrides = overrides + ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
             elif not multirun:
-                run_dir = _unused_dir(Path(cfg.hydra.run.dir), explicit=_has(job, "hydra.run.dir"))
+                run_dir = Path(cfg.hydra.run.dir)
+                if reuse is None or run_dir.resolve() != reuse.resolve():
+                    run_dir = _unused_dir(run_dir, explicit=_has(job, "hydra.run.dir"))
                 settings = settings_from_config(cfg, str(run_dir))
                 _check_before_weights(settings)
                 check_writable(run_dir)  # before Hydra creates it (its error would be a traceback)

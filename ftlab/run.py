@@ -30,6 +30,7 @@ from ftlab.planning.counts import parameter_summary
 from ftlab.training.checkpoints import AtomicCheckpointIO, RunState, checkpoint_identity
 from ftlab.training import eval_cache
 from ftlab.training.evaluation import VAL_SCORES, evaluate_held_out
+from ftlab.training.preemption import slurm_plugins
 from ftlab.training.faults import GracefulStop, NonFiniteLossGuard, supervise, write_failures
 from ftlab.training.hardware import (build_strategy, check_hardware, enable_gradient_checkpointing,
                                      full_parameters, keep_trainable_in_fp32, world_size)
@@ -328,7 +329,8 @@ def _trainer(s: RunSettings, run_dir: Path, logger, model=None, callbacks=()) ->
         strategy=build_strategy(s.hardware, model),
         precision=s.hardware.precision, num_nodes=s.hardware.num_nodes, logger=logger,
         callbacks=callbacks, default_root_dir=str(run_dir), **kwargs,
-        plugins=[AtomicCheckpointIO()],  # temp name + rename: a kill mid-write keeps the old file
+        # temp name + rename: a kill mid-write keeps the old file; under SLURM, ftlab requeues
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
     )
 
 

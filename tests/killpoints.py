@@ -71,10 +71,10 @@ def watch(run_dir: Path, kill_at: int | None, log: list[tuple[str, str]],
     sys.addaudithook(hook)
 
 
-def run_forked(run_dir: Path, body: Callable[[], None], kill_at: int | None = None,
-               events_file: Path | None = None, fail: tuple[str, int] | None = None) -> int:
-    """Run ``body()`` in a forked child watched as in :func:`watch`; returns the child's wait
-    status as ``-signal`` or the exit code. ``events_file``: the writes it made, as JSON."""
+def fork(body: Callable[[], None], run_dir: Path | None = None, kill_at: int | None = None,
+         events_file: Path | None = None, fail: tuple[str, int] | None = None) -> int:
+    """Start ``body()`` in a forked child (watched as in :func:`watch` when ``run_dir`` is
+    given); returns its pid (see :func:`wait`)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -82,7 +82,8 @@ def run_forked(run_dir: Path, body: Callable[[], None], kill_at: int | None = No
         code = 0
         try:
             log: list[tuple[str, str]] = []
-            watch(run_dir, kill_at, log, fail)
+            if run_dir is not None:
+                watch(run_dir, kill_at, log, fail)
             body()
             if events_file is not None:
                 events_file.write_text(json.dumps(log))
@@ -95,5 +96,17 @@ def run_forked(run_dir: Path, body: Callable[[], None], kill_at: int | None = No
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    return pid
+
+
+def wait(pid: int) -> int:
+    """The child's end: ``-signal`` if a signal killed it, else its exit code."""
     _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def run_forked(run_dir: Path, body: Callable[[], None], kill_at: int | None = None,
+               events_file: Path | None = None, fail: tuple[str, int] | None = None) -> int:
+    """Run ``body()`` in a forked child watched as in :func:`watch`; returns how it ended
+    (:func:`wait`). ``events_file``: the writes it made, as JSON."""
+    return wait(fork(body, run_dir, kill_at, events_file, fail))

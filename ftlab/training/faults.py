@@ -1,11 +1,13 @@
 """Faults: preemption signals and a diverging loss end a run cleanly, never half-written.
 
-- **SIGTERM / SIGINT** (a cluster preempting the job, Ctrl-C): during training the run finishes
+- **SIGTERM / SIGINT / SIGUSR1** (a cluster preempting the job, Ctrl-C, SLURM's warning before
+  the time limit): during training the run finishes
   the optimizer step in progress, saves ``checkpoints/last.ckpt``, marks ``metrics.json``
-  ``"status": "interrupted"`` and exits with 128 + the signal number (143, 130);
-  ``python -m ftlab resume=RUN_DIR`` then continues exactly. A second signal, or one before
-  training starts, stops at once. With several processes the decision to stop is shared, so
-  every rank saves at the same step.
+  ``"status": "interrupted"`` and exits with 128 + the signal number (143, 130, 138);
+  ``python -m ftlab resume=RUN_DIR`` then continues exactly. Under SLURM, SIGTERM and SIGUSR1
+  also requeue the job, which then continues the run by itself (:mod:`ftlab.training.preemption`).
+  A second signal, or one before training starts, stops at once. With several processes the
+  decision to stop is shared, so every rank saves at the same step.
 - **SIGKILL** cannot be caught: what protects the run then is that checkpoints, the adapter and
   ``metrics.json`` are written to a temporary name and renamed into place
   (:class:`ftlab.training.checkpoints.AtomicCheckpointIO`), so the previous checkpoint stays whole.
@@ -33,8 +35,10 @@ import torch
 from ftlab.errors import UserError
 from ftlab.io import WRITE_ERRNOS, WriteError
 from ftlab.training.checkpoints import checkpoints
+from ftlab.training.preemption import requeue
 
-HANDLED = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1: what SLURM sends before a time limit with `--signal=USR1@<seconds>` (preemption.py).
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Interrupted(SystemExit):
@@ -145,11 +149,15 @@ def supervise(stop: GracefulStop, run_dir: Path, result: dict[str, Any],
         where = f"at step {err.step}" if err.step is not None else "outside the training loop"
         saved = (f"checkpoint saved: {err.checkpoint}. Continue with: python -m ftlab resume={run_dir}"
                  if err.checkpoint else "no new checkpoint")
+        requeued = requeue(err.signum)  # under SLURM: the job starts again and continues the run
         result.update(status="interrupted", signal=err.signal_name, interrupted_at_step=err.step,
                       checkpoint=str(err.checkpoint) if err.checkpoint else None, **history())
+        if requeued:
+            result["requeue"] = requeued
         if write:
             write(run_dir / "metrics.json", result)
-        print(f"ftlab: interrupted by {err.signal_name} {where}; {saved}", file=sys.stderr, flush=True)
+        print(f"ftlab: interrupted by {err.signal_name} {where}; {saved}" + (f"; {requeued}" if requeued else ""),
+              file=sys.stderr, flush=True)
         raise
     except NonFiniteLoss as err:
         kept = checkpoints(run_dir)
