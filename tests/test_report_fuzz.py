@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from ftlab import report
 
 STRESS = os.environ.get("FTLAB_FUZZ_STRESS") == "1"
-FUZZ = settings(max_examples=300 if STRESS else 25, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=300 if STRESS else 15, deadline=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
 
 # A completed job's metrics.json as a run writes it (trimmed to what the report reads).

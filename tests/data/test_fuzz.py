@@ -30,9 +30,9 @@ from ftlab.errors import DataError
 from .helpers import datamodule
 
 STRESS = os.environ.get("FTLAB_FUZZ_STRESS") == "1"
-FAST = settings(max_examples=1000 if STRESS else 100, deadline=None, derandomize=True,
+FAST = settings(max_examples=1000 if STRESS else 60, deadline=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
-SLOW = settings(max_examples=100 if STRESS else 6, deadline=None, derandomize=True,
+SLOW = settings(max_examples=100 if STRESS else 4, deadline=None, derandomize=True,
                 suppress_health_check=list(HealthCheck))
 LOCATED = re.compile(r"(line|row|record) \d+")
 
