@@ -8,8 +8,8 @@ random bytes (invalid UTF-8, NUL bytes); a byte-order mark; CRLF line ends; CSV 
 ragged rows and NUL bytes; Parquet files whose columns have the wrong types; chat and ShareGPT
 records with unknown roles, empty turns, turns that are not objects. Fixed cases: a 10 MB
 line, JSON nested 100,000 deep. The in-process readers get many examples; a handful go
-through the command lines (``python -m ftlab``'s and ``ftlab.eval``'s ``main``). ``-m stress``
-runs ten times as many examples.
+through the command lines (``python -m ftlab``'s and ``ftlab.eval``'s ``main``).
+``FTLAB_FUZZ_STRESS=1`` runs many more examples (docs/robustness.md).
 """
 
 from __future__ import annotations
@@ -199,3 +199,27 @@ def test_hostile_files_through_the_command_line(case, tmp_path, capsys):
     assert exc.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert f"{path}, {needle}" in lines[0], lines[0]
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from tiny_runs import train_run
+
+    run_dir = tmp_path_factory.mktemp("run")
+    train_run(run_dir, "trainer.max_steps=1", "eval.generate=false", "eval.max_examples=2")
+    return run_dir
+
+
+@pytest.mark.parametrize("case", ["invalid UTF-8", "deeply nested"])
+def test_hostile_files_through_eval(case, finished_run, tmp_path, capsys):
+    from ftlab import eval as ftlab_eval
+
+    content, needle = HOSTILE_FILES[case]
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exc:
+        ftlab_eval.main([str(finished_run), "--data", str(path)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ftlab: error:")]
+    assert exc.value.code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert f"{path}, {needle}" in lines[0], lines[0]
