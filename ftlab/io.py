@@ -193,9 +193,11 @@ def remove_orphans(directory: str | Path) -> list[Path]:
 
 
 def check_writable(directory: str | Path) -> None:
-    """Create ``directory`` (and its parents) and a file in it, or raise :class:`WriteError`:
-    an output directory that cannot be written is refused before any work."""
+    """Raise :class:`WriteError` unless a file can be written in ``directory``: an output
+    directory that cannot be written is refused before any work. Creates the directory and a
+    file to find out, and removes what it created."""
     directory = Path(directory)
+    created = next((d for d in reversed([directory, *directory.parents]) if not d.exists()), None)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".ftlab-write-test-", dir=directory)
@@ -203,3 +205,6 @@ def check_writable(directory: str | Path) -> None:
         os.unlink(probe)
     except OSError as err:  # whatever the reason (a file in the way, permissions, space)
         raise WriteError(directory, err) from None
+    finally:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
