@@ -45,15 +45,16 @@ def main(argv: list[str] | None = None) -> None:
         return resume(argv)  # continues a run in its own directory, no Hydra
     flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
     if not flags & _INFO_FLAGS and not flags & {"--config-path", "-cp", "--experimental-rerun"}:
-        single = not flags & {"-m", "--multirun"}
-        # A SLURM job started again after a requeue: the same command continues its run.
-        again = requeued_run(argv, _run_dir_arg(argv)) if single else None
-        if again is not None and checkpoints(again):
-            say(f"ftlab: SLURM job started again: continuing {again}")
-            return resume([*argv, f"resume={again}"])
         try:
-            command, argv = argv, preflight(expand_sweep(argv), reuse=again)
-            if single:
+            expanded = expand_sweep(argv)
+            single = not {"-m", "--multirun"} & set(expanded)
+            # A SLURM job started again after a requeue: the same command continues its run.
+            again = requeued_run(argv, _run_dir_arg(argv)) if single else None
+            if again is not None and checkpoints(again):
+                say(f"ftlab: SLURM job started again: continuing {again}")
+                return resume([*argv, f"resume={again}"])
+            command, argv = argv, preflight(expanded, reuse=again)
+            if single and _run_dir_arg(argv) is not None:
                 record_job(_run_dir_arg(argv), command)
         except UserError as err:
             fail(str(err))
