@@ -21,11 +21,13 @@ from pathlib import Path
 
 from ftlab.console import capture_output, fail, is_rank_zero, quiet_third_party, say
 from ftlab.errors import ConfigError, UserError
-from ftlab.io import write_json, write_text
+from ftlab.io import EXIT_WRITE, WriteError, check_writable, write_json, write_text
 from ftlab.rundir import TRAIN_LOG, read_metrics
 from ftlab.settings import config_dir, explain_compose_error, first_line, resolved, settings_from_config
 from ftlab.sweeps import expand_jobs, expand_sweep
+from ftlab.training.checkpoints import checkpoints
 from ftlab.training.hardware import register_resolvers
+from ftlab.training.preemption import record_job, requeued_run
 
 # Hydra flags that print something and exit: let Hydra handle them untouched.
 _INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc",
@@ -45,7 +47,16 @@ def main(argv: list[str] | None = None) -> None:
     flags = {a.split("=", 1)[0] for a in argv if a.startswith("-")}
     if not flags & _INFO_FLAGS and not flags & {"--config-path", "-cp", "--experimental-rerun"}:
         try:
-            argv = preflight(expand_sweep(argv))
+            expanded = expand_sweep(argv)
+            single = not {"-m", "--multirun"} & set(expanded)
+            # A SLURM job started again after a requeue: the same command continues its run.
+            again = requeued_run(argv, _run_dir_arg(argv)) if single else None
+            if again is not None and checkpoints(again):
+                say(f"ftlab: SLURM job started again: continuing {again}")
+                return resume([*argv, f"resume={again}"])
+            command, argv = argv, preflight(expanded, reuse=again)
+            if single and _run_dir_arg(argv) is not None:
+                record_job(_run_dir_arg(argv), command)
         except UserError as err:
             fail(str(err))
     sys.argv = [sys.argv[0]] + argv
@@ -84,8 +95,16 @@ def _split(argv: list[str]) -> tuple[list[str], list[str], bool, str, Path]:
     return overrides, flags, multirun, name, directory
 
 
-def preflight(argv: list[str]) -> list[str]:
-    """Compose and validate every job; return argv with the output directory pinned."""
+def _run_dir_arg(argv: list[str]) -> Path | None:
+    """The last ``hydra.run.dir=`` of a command line, if any."""
+    given = [a.split("=", 1)[1] for a in argv if a.split("=", 1)[0].lstrip("+~") == "hydra.run.dir"]
+    return Path(given[-1]) if given else None
+
+
+def preflight(argv: list[str], reuse: Path | None = None) -> list[str]:
+    """Compose and validate every job; return argv with the output directory pinned
+    (``reuse``: a run directory this SLURM job started before its requeue, without checkpoints,
+    which it starts again)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -111,9 +130,12 @@ def preflight(argv: list[str]) -> list[str]:
                 pinned = f"hydra.run.dir={cfg.hydra.run.dir}"
                 overrides = overrides + ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
             elif not multirun:
-                run_dir = _unused_dir(Path(cfg.hydra.run.dir), explicit=_has(job, "hydra.run.dir"))
+                run_dir = Path(cfg.hydra.run.dir)
+                if reuse is None or run_dir.resolve() != reuse.resolve():
+                    run_dir = _unused_dir(run_dir, explicit=_has(job, "hydra.run.dir"))
                 settings = settings_from_config(cfg, str(run_dir))
                 _check_before_weights(settings)
+                check_writable(run_dir)  # before Hydra creates it (its error would be a traceback)
                 pinned = f"hydra.run.dir={run_dir}"
             else:
                 # Each job's values are checked when it runs; a bad combination fails that job
@@ -126,6 +148,7 @@ def preflight(argv: list[str]) -> list[str]:
                 say(f"ftlab: continuing the sweep in {sweep_dir}: jobs already completed are skipped")
             else:
                 sweep_dir = _unused_dir(sweep_dir, explicit=_has(overrides, "hydra.sweep.dir"))
+            check_writable(sweep_dir)
             pinned = f"hydra.sweep.dir={sweep_dir}"
     GlobalHydra.instance().clear()
     rest = [a for a in overrides if not a.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
@@ -214,7 +237,7 @@ def _job(cfg, hc, run_dir: Path, multirun: bool) -> float:
         return float(objective)
     except UserError as err:
         if not multirun:
-            fail(str(err))
+            _fail(err, run_dir)
         print(f"ftlab: job {hc.job.num} failed: {err}", file=sys.stderr, flush=True)
         # A run that failed while training (a NaN loss) already recorded where: keep that.
         write_json(run_dir / "metrics.json", {**read_metrics(run_dir), "status": "failed",
@@ -265,7 +288,18 @@ def resume(argv: list[str]) -> None:
         try:
             train(settings, config=config, resume=point)
         except UserError as err:
-            fail(str(err))
+            _fail(err, point.run_dir)
+
+
+def _fail(err: UserError, run_dir: Path) -> None:
+    """One line and exit 2; a write that failed once training had started exits 74 and says
+    where the run can continue from."""
+    if isinstance(err, WriteError) and err.mid_run:
+        where = (f"the last checkpoint ({err.last_checkpoint}) is intact; free space (or fix the "
+                 f"permissions) and continue with: python -m ftlab resume={run_dir}"
+                 if err.last_checkpoint else "the run had written no checkpoint yet; start it again")
+        fail(f"{err}. The run stopped; {where}", status=EXIT_WRITE)
+    fail(str(err))
 
 
 def _parse_resume(argv: list[str]) -> tuple[str, Path | None, list[tuple[str, str, str]]]:

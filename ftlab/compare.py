@@ -133,8 +133,10 @@ def collect(directory: Path) -> list[Job]:
     for path in sorted(directory.rglob("metrics.json"), key=lambda p: natural(p.parent)):
         try:
             metrics = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err.msg}); was the job killed while writing?") from None
+        except (json.JSONDecodeError, RecursionError, UnicodeDecodeError) as err:
+            reason = f"{err.msg}, line {err.lineno}" if isinstance(err, json.JSONDecodeError) else type(err).__name__
+            raise UserError(f"{path} is not valid JSON ({reason}); was it truncated or edited by hand?") from None
+        check_metrics(path, metrics)
         benchmarks = read_columns(path.parent)
         jobs.append(Job(path.parent.relative_to(directory), {**metrics, **benchmarks}, directory,
                         list(benchmarks)))
@@ -142,6 +144,42 @@ def collect(directory: Path) -> list[Job]:
         raise UserError(f"no job results (metrics.json) under {directory}; "
                         "point ftlab.report at a run or sweep directory")
     return jobs
+
+
+# What the report reads from a metrics.json, by type (a file edited by hand is checked first).
+_TEXT = ("status", "method", "model", "data", "run_name", "precision", "quantization", "error", "validation")
+_NUMBERS = ("seed", "lr", "trainable_params", "total_params", "steps", "tokens_per_second", "peak_memory_mb",
+            "wall_time_s", "train_time_s", "step_time_s", "outside_training_share")
+
+
+def check_metrics(path: Path, m: Any) -> None:
+    """A :class:`UserError` naming the file and field where ``m`` is not what a run writes."""
+    def bad(field: str, expected: str, value: Any) -> UserError:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return UserError(f"{path}: field {field!r} must be {expected}, got {type(value).__name__} {shown}; "
+                         "was it edited by hand?")
+
+    if not isinstance(m, dict):
+        raise UserError(f"{path}: expected a JSON object (a run's metrics), got {type(m).__name__}")
+    for key, value in m.items():
+        if value is None:
+            continue
+        if key in _TEXT and not isinstance(value, str):
+            raise bad(key, "a string", value)
+        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if (key in _NUMBERS or key.startswith("val_") and key != "val_history") and not is_number:
+            raise bad(key, "a number", value)
+        if key == "seed" and not float(value).is_integer():
+            raise bad(key, "an integer", value)
+    if not isinstance(m.get("val_history") or [], list):
+        raise bad("val_history", "a list", m["val_history"])
+    overrides = m.get("overrides")
+    if overrides is not None and not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+        raise bad("overrides", "a list of strings", overrides)
+    for i, point in enumerate(m.get("val_history") or []):
+        if not isinstance(point, dict) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                  for v in point.values()) or "step" not in point:
+            raise bad(f"val_history[{i}]", "an object of numbers with a step", point)
 
 
 @dataclass

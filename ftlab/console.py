@@ -40,10 +40,10 @@ def say(msg: str = "") -> None:
         print(msg, flush=True)
 
 
-def fail(message: str) -> NoReturn:
-    """End the command on bad input: one line on stderr, exit status 2."""
+def fail(message: str, status: int = EXIT_USAGE) -> NoReturn:
+    """End the command on bad input: one line on stderr, exit status 2 (or ``status``)."""
     print(f"ftlab: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_USAGE)
+    sys.exit(status)
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -21,7 +21,7 @@ from ftlab.config import RunSettings, check_warmup
 from ftlab.console import say
 from ftlab.data import DataModule
 from ftlab.errors import ConfigError
-from ftlab.io import atomic_directory, write_json
+from ftlab.io import atomic_directory, remove_orphans, write_json
 from ftlab.methods import count_parameters, method_from_spec
 from ftlab.methods.quantized import base_quantization, check_quantized_base
 from ftlab.metrics.memory import peak_memory_mb, process_age_s, reset_peak_memory
@@ -31,7 +31,8 @@ from ftlab.planning.counts import parameter_summary
 from ftlab.training.checkpoints import AtomicCheckpointIO, RunState, checkpoint_identity
 from ftlab.training import eval_cache
 from ftlab.training.evaluation import VAL_SCORES, evaluate_held_out
-from ftlab.training.faults import GracefulStop, NonFiniteLossGuard, supervise
+from ftlab.training.preemption import slurm_plugins
+from ftlab.training.faults import GracefulStop, NonFiniteLossGuard, supervise, write_failures
 from ftlab.training.hardware import (build_strategy, check_hardware, enable_gradient_checkpointing,
                                      full_parameters, keep_trainable_in_fp32, world_size)
 from ftlab.training.loaders import own_generator, resumable_loader
@@ -121,6 +122,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
                             loss_chunk_size=s.loss.chunk_size)
     if resume is not None:
         resume.check_model(module.model)  # a foreign checkpoint is refused before anything is written
+        remove_orphans(run_dir)  # temporary files of writes a kill interrupted
     label = run_label(s)
     logger = build_logger(s.logger, run_dir, label, s.sweep_name or s.method["name"], config or {},
                           columns=run_columns(s, model_settings.quantization))
@@ -161,44 +163,46 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     def history() -> dict[str, Any]:  # the curves so far, for a run that stops early
         return {"val_history": module.val_history, "train_loss_history": state.train_losses}
 
-    fit_start = time.perf_counter()
-    with supervise(stop, run_dir, result, history, write_json if writer else None):
-        # Loaders whose order is a function of (seed, epoch) and whose position goes into the
-        # checkpoint, so a resumed run sees the same batches (ftlab/training/loaders.py).
-        trainer.fit(module, train_dataloaders=resumable_loader(data.train_dataloader(), s.seed),
-                    val_dataloaders=own_generator(data.val_dataloader()),
-                    ckpt_path=str(resume.checkpoint) if resume is not None else None)
-    train_time = time.perf_counter() - fit_start
-    clock.lap("train")
-    ckpt_dir = run_dir / "checkpoints"
-    if writer:
-        ckpt_dir.mkdir(exist_ok=True)
-    trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))  # every rank calls; rank zero writes
-    clock.lap("checkpoint")  # the last checkpoint
-    if s.validates:
-        result.update(evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, ""))
-    clock.lap("eval_after")
-
-    with full_parameters(trainer, module.model):  # every rank enters: sharded weights gather
+    with write_failures(run_dir, result, write_json if writer else None):
+        fit_start = time.perf_counter()
+        with supervise(stop, run_dir, result, history, write_json if writer else None):
+            # Loaders whose order is a function of (seed, epoch) and whose position goes into the
+            # checkpoint, so a resumed run sees the same batches (ftlab/training/loaders.py).
+            trainer.fit(module, train_dataloaders=resumable_loader(data.train_dataloader(), s.seed),
+                        val_dataloaders=own_generator(data.val_dataloader()),
+                        ckpt_path=str(resume.checkpoint) if resume is not None else None,
+                        weights_only=True)  # tensors and plain types only: no code runs from a checkpoint
+        train_time = time.perf_counter() - fit_start
+        clock.lap("train")
+        ckpt_dir = run_dir / "checkpoints"
         if writer:
-            _save_trained(method, module, tokenizer, run_dir / method.traits.artifact)
+            ckpt_dir.mkdir(exist_ok=True)
+        trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))  # every rank calls; rank zero writes
+        clock.lap("checkpoint")  # the last checkpoint
+        if s.validates:
+            result.update(evaluate_held_out(trainer, module, data, s, eval_records, tokenizer, ""))
+        clock.lap("eval_after")
 
-    result["best"] = _keep_best(trainer, module, method, tokenizer, s, run_dir, writer)
-    clock.lap("save")
-    result.update(module.throughput())
-    result.update({
-        "status": "completed",
-        "steps": int(trainer.global_step),
-        "train_loss_final": module.train_losses[-1][1] if module.train_losses else None,
-        "peak_memory_mb": peak_memory_mb(),
-        "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - started,
-        **clock.summary(),
-        "val_history": module.val_history,
-        "train_loss_history": module.train_losses,
-    })
-    if writer:
-        write_json(run_dir / "metrics.json", result)
+        with full_parameters(trainer, module.model):  # every rank enters: sharded weights gather
+            if writer:
+                _save_trained(method, module, tokenizer, run_dir / method.traits.artifact)
+
+        result["best"] = _keep_best(trainer, module, method, tokenizer, s, run_dir, writer)
+        clock.lap("save")
+        result.update(module.throughput())
+        result.update({
+            "status": "completed",
+            "steps": int(trainer.global_step),
+            "train_loss_final": module.train_losses[-1][1] if module.train_losses else None,
+            "peak_memory_mb": peak_memory_mb(),
+            "train_time_s": train_time,
+            "wall_time_s": time.perf_counter() - started,
+            **clock.summary(),
+            "val_history": module.val_history,
+            "train_loss_history": module.train_losses,
+        })
+        if writer:
+            write_json(run_dir / "metrics.json", result)
     say(_final_report(result))
     finish_logger(logger, result)
     return result
@@ -331,7 +335,8 @@ def _trainer(s: RunSettings, run_dir: Path, logger, model=None, callbacks=()) ->
         strategy=build_strategy(s.hardware, model),
         precision=s.hardware.precision, num_nodes=s.hardware.num_nodes, logger=logger,
         callbacks=callbacks, default_root_dir=str(run_dir), **kwargs,
-        plugins=[AtomicCheckpointIO()],  # temp name + rename: a kill mid-write keeps the old file
+        # temp name + rename: a kill mid-write keeps the old file; under SLURM, ftlab requeues
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
     )
 
 

@@ -60,6 +60,16 @@ def assert_usage_error(proc: subprocess.CompletedProcess, *needles: str) -> None
         assert needle in errors[0], (needle, errors[0])
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``stress`` (minutes each) run only when ``-m`` names them (``-m stress``)."""
+    if "stress" in (config.getoption("markexpr") or ""):
+        return
+    kept = [item for item in items if "stress" not in item.keywords]
+    if len(kept) < len(items):
+        config.hook.pytest_deselected(items=[item for item in items if "stress" in item.keywords])
+        items[:] = kept
+
+
 @pytest.fixture
 def tiny_overrides() -> list[str]:
     return list(TINY)

@@ -245,8 +245,8 @@ class ClassificationFormat:
             numeric = all(v.lstrip("-").isdigit() for v in found)
             self.labels = sorted(found, key=int if numeric else str)
         if len(self.labels) < 2:
-            raise DataError(f"{train[0][0].file}: classification needs at least two labels, "
-                            f"found only {self.labels}")
+            where = train[0][0].file if train else self.settings.path
+            raise DataError(f"{where}: classification needs at least two labels, found only {self.labels}")
 
     def check_label(self, row: Row, record: dict) -> None:
         if record["label"] not in self.labels:

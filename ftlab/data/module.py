@@ -28,13 +28,13 @@ from ftlab.data.stats import SplitStats, split_stats, stats_table
 from ftlab.errors import DataError
 
 
-def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
+def split_records(records: list, val_fraction: float, seed: int, source: str = "the data") -> tuple[list, list]:
     """A seeded shuffle, then the first ``val_fraction`` (at least one record) is held out."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     n_val = max(1, round(val_fraction * len(records)))
     if n_val >= len(records):
-        raise DataError(f"only {len(records)} record(s): too few to hold out a validation split "
+        raise DataError(f"{source} has only {len(records)} record(s): too few to hold out a validation split "
                         "(give data.val_path, or more data)")
     val = [records[i] for i in order[:n_val]]
     train = [records[i] for i in order[n_val:]]
@@ -91,7 +91,7 @@ class DataModule(L.LightningDataModule):
         elif s.format == "text":
             self.train_records, self.val_records = records, []  # split into blocks later
         else:
-            self.train_records, self.val_records = split_records(records, s.val_fraction, s.seed)
+            self.train_records, self.val_records = split_records(records, s.val_fraction, s.seed, s.path)
 
     def _read(self, path: str) -> list[tuple[Row, dict]]:
         if self.settings.format == "text" and not _structured(path):
@@ -145,7 +145,8 @@ class DataModule(L.LightningDataModule):
                 val = [{"input_ids": b, "labels": list(b)} for b in
                        encode_text_blocks([r["text"] for r in self.val_records], self.tokenizer, s.max_length)]
             else:
-                train, val = split_records(train, s.val_fraction, s.seed)
+                train, val = split_records(train, s.val_fraction, s.seed,
+                                           f"{s.path} (cut into blocks of {s.max_length} tokens)")
             return (train, val), {"train": (0, 0), "val": (0, 0)}
         out, counts = [], {}
         for name, records in (("train", self.train_records), ("val", self.val_records)):

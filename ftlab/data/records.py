@@ -40,6 +40,9 @@ HUB_PREFIX = "hub:"
 JSON_LINES = (".jsonl", ".ndjson")
 TABLES = (".csv", ".tsv", ".parquet", ".pq")
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".rst")
+# Python's JSON parser recurses once per level; a record nested deeper than the interpreter's
+# recursion limit (about 1000) is no instruction data.
+TOO_DEEP = "nested too deeply: arrays or objects inside one another beyond Python's recursion limit"
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(:[\w.-]+)?$")
 
 
@@ -121,9 +124,10 @@ def _read_text(file: Path) -> str:
         data = file.read_bytes()
         line = data.count(b"\n", 0, err.start) + 1
         raise DataError(f"{file}, line {line}: not valid UTF-8 (byte {err.start})") from None
+    text = text.lstrip("\ufeff")  # a byte-order mark, as some editors write
     if not text.strip():
         raise DataError(f"data file {file} is empty")
-    return text.lstrip("\ufeff")
+    return text
 
 
 def _json_rows(file: Path) -> list[Row]:
@@ -149,6 +153,8 @@ def _json_rows(file: Path) -> list[Row]:
             rows.append(Row(str(file), f"line {lineno}", json.loads(line)))
         except json.JSONDecodeError as err:
             raise DataError(f"{file}, line {lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+        except RecursionError:
+            raise DataError(f"{file}, line {lineno}: not valid JSON ({TOO_DEEP})") from None
     return rows
 
 
@@ -177,6 +183,9 @@ def _json_list_rows(file: Path, text: str) -> list[Row]:
             raise json.JSONDecodeError("extra data after the list", text, pos + 1)
     except json.JSONDecodeError as err:
         raise DataError(f"{file}, line {err.lineno}: not valid JSON ({err.msg}, column {err.colno})") from None
+    except RecursionError:
+        line = text.count("\n", 0, pos) + 1
+        raise DataError(f"{file}, record {len(rows) + 1} (line {line}): not valid JSON ({TOO_DEEP})") from None
     if not rows:
         raise DataError(f"data file {file} is empty (an empty JSON list)")
     return rows
@@ -216,6 +225,8 @@ def _table_rows(file: Path) -> list[Row]:
         except Exception as err:  # noqa: BLE001  pandas/pyarrow raise many types for a bad file
             cause = err.__cause__ or err
             msg = " ".join(str(cause).split())[:300]
+            if "corresponds to no data" in msg:  # a header and nothing else
+                raise DataError(f"data file {file} is empty (no rows after the header)") from None
             line = re.search(r"line (\d+)", msg)
             at = f", line {line.group(1)}" if line else ""
             raise DataError(f"{file}{at}: cannot read it as {builder.upper()} ({msg})") from None

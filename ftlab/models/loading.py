@@ -137,6 +137,13 @@ def read_config(path: str):
     try:
         return AutoConfig.from_pretrained(path if is_hub_id(path) else str(Path(path).expanduser()))
     except (OSError, ValueError, KeyError) as err:
+        if "contains custom code" in str(err):
+            # transformers refuses it because ftlab never sets trust_remote_code: running a
+            # checkpoint's own Python code is not something a config file should switch on.
+            raise ModelNotFoundError(
+                f"model.path={path}: its config.json names Python code of its own (auto_map), which "
+                "ftlab does not run (trust_remote_code stays off); use a model whose architecture "
+                "transformers ships") from None
         reason = " ".join(str(err).split())[:200]
         raise ModelNotFoundError(f"model.path={path}: its config.json cannot be read as a "
                                  f"transformers model ({type(err).__name__}: {reason})") from None

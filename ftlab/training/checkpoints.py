@@ -37,6 +37,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         torch_save(checkpoint, Path(path))
 
+    def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage,
+                        weights_only: bool | None = None):
+        """Every checkpoint Lightning reads (resume, ``ckpt_path=``) with ``weights_only=True``:
+        ftlab writes only tensors and plain Python values, so a file that needs more (a pickled
+        object, code to run) is refused rather than executed."""
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
 
 def rng_state() -> dict[str, Any]:
     """Every global generator training draws from, in types ``torch.load(weights_only=True)`` reads."""
@@ -113,6 +120,10 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001  torch raises several types for a damaged file
+        if "Weights only load failed" in str(err):
+            raise UserError(f"checkpoint {path} holds Python objects other than tensors and plain values, "
+                            "which ftlab never writes: refused, since loading it could run code from the "
+                            "file (was it written by another program, or tampered with?)") from None
         first = " ".join(str(err).split())[:160] or type(err).__name__
         raise UserError(f"checkpoint {path} cannot be read: it is truncated or corrupted ({first})") from None
     if not isinstance(ckpt, dict) or "global_step" not in ckpt or "state_dict" not in ckpt:

@@ -1,14 +1,21 @@
 """Faults: preemption signals and a diverging loss end a run cleanly, never half-written.
 
-- **SIGTERM / SIGINT** (a cluster preempting the job, Ctrl-C): during training the run finishes
+- **SIGTERM / SIGINT / SIGUSR1** (a cluster preempting the job, Ctrl-C, SLURM's warning before
+  the time limit): during training the run finishes
   the optimizer step in progress, saves ``checkpoints/last.ckpt``, marks ``metrics.json``
-  ``"status": "interrupted"`` and exits with 128 + the signal number (143, 130);
-  ``python -m ftlab resume=RUN_DIR`` then continues exactly. A second signal, or one before
-  training starts, stops at once. With several processes the decision to stop is shared, so
-  every rank saves at the same step.
+  ``"status": "interrupted"`` and exits with 128 + the signal number (143, 130, 138);
+  ``python -m ftlab resume=RUN_DIR`` then continues exactly. Under SLURM, SIGTERM and SIGUSR1
+  also requeue the job, which then continues the run by itself (:mod:`ftlab.training.preemption`).
+  A second signal, or one before training starts, stops at once. With several processes the
+  decision to stop is shared, so every rank saves at the same step.
 - **SIGKILL** cannot be caught: what protects the run then is that checkpoints, the adapter and
   ``metrics.json`` are written to a temporary name and renamed into place
   (:class:`ftlab.training.checkpoints.AtomicCheckpointIO`), so the previous checkpoint stays whole.
+- **A write that fails** once training has started (disk full, quota, a directory that became
+  read-only): the run stops with one line naming the path (:class:`ftlab.io.WriteError`) and
+  exit status 74 (``EX_IOERR``); the checkpoints and adapter written before stay whole (each is
+  written beside its target and renamed into place), and ``metrics.json`` says ``"failed"`` if
+  it can still be written. Before training the same error is bad input: exit status 2.
 - **A NaN or infinite loss** stops the run before that step's backward pass (the parameters
   are not touched), with a message naming the step; the checkpoints written so far stay, and
   ``metrics.json`` says ``"status": "failed"``.
@@ -26,9 +33,12 @@ import lightning as L
 import torch
 
 from ftlab.errors import UserError
+from ftlab.io import WRITE_ERRNOS, WriteError
 from ftlab.training.checkpoints import checkpoints
+from ftlab.training.preemption import requeue
 
-HANDLED = (signal.SIGTERM, signal.SIGINT)
+# SIGUSR1: what SLURM sends before a time limit with `--signal=USR1@<seconds>` (preemption.py).
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class Interrupted(SystemExit):
@@ -139,11 +149,15 @@ def supervise(stop: GracefulStop, run_dir: Path, result: dict[str, Any],
         where = f"at step {err.step}" if err.step is not None else "outside the training loop"
         saved = (f"checkpoint saved: {err.checkpoint}. Continue with: python -m ftlab resume={run_dir}"
                  if err.checkpoint else "no new checkpoint")
+        requeued = requeue(err.signum)  # under SLURM: the job starts again and continues the run
         result.update(status="interrupted", signal=err.signal_name, interrupted_at_step=err.step,
                       checkpoint=str(err.checkpoint) if err.checkpoint else None, **history())
+        if requeued:
+            result["requeue"] = requeued
         if write:
             write(run_dir / "metrics.json", result)
-        print(f"ftlab: interrupted by {err.signal_name} {where}; {saved}", file=sys.stderr, flush=True)
+        print(f"ftlab: interrupted by {err.signal_name} {where}; {saved}" + (f"; {requeued}" if requeued else ""),
+              file=sys.stderr, flush=True)
         raise
     except NonFiniteLoss as err:
         kept = checkpoints(run_dir)
@@ -155,3 +169,37 @@ def supervise(stop: GracefulStop, run_dir: Path, result: dict[str, Any],
         raise
     finally:
         stop.uninstall()
+
+
+@contextmanager
+def write_failures(run_dir: Path, result: dict[str, Any], write: Callable[[Path, dict], None] | None):
+    """From the start of training on: a write that fails ends the run as a
+    :class:`~ftlab.io.WriteError` marked ``mid_run`` (the command exits 74), recorded in
+    ``metrics.json`` where that can still be written. An ``OSError`` of the environment raised
+    by a library's own write (Lightning's directories, the csv logger) is turned into one."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in WRITE_ERRNOS:
+            raise
+        failed = WriteError(err.filename or run_dir, err)
+        failed.mid_run = True
+        _record_failure(run_dir, result, failed, write)
+        raise failed from None
+    except WriteError as err:
+        err.mid_run = True
+        _record_failure(run_dir, result, err, write)
+        raise
+
+
+def _record_failure(run_dir: Path, result: dict[str, Any], err: WriteError,
+                    write: Callable[[Path, dict], None] | None) -> None:
+    kept = checkpoints(run_dir)
+    err.last_checkpoint = max(kept, key=lambda p: p.stat().st_mtime) if kept else None
+    result.update(status="failed", error=str(err),
+                  last_checkpoint=str(err.last_checkpoint) if err.last_checkpoint else None)
+    if write:
+        try:
+            write(Path(run_dir) / "metrics.json", result)
+        except WriteError:
+            pass  # the disk that refused the first write may refuse this one too
