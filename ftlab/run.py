@@ -26,6 +26,7 @@ from ftlab.methods import count_parameters, method_from_spec
 from ftlab.methods.quantized import base_quantization, check_quantized_base
 from ftlab.metrics.memory import peak_memory_mb, process_age_s, reset_peak_memory
 from ftlab.models import check_available, load_model, meta_model
+from ftlab.planning.budget import fit_budget
 from ftlab.planning.counts import parameter_summary
 from ftlab.training.checkpoints import AtomicCheckpointIO, RunState, checkpoint_identity
 from ftlab.training import eval_cache
@@ -88,6 +89,9 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")
 
+    s, budget = fit_budget(s, s.budget)  # budget.trainable_params: the method's size for it
+    if budget is not None:
+        say(budget.line(s.method["name"]))
     method = preflight(s)
     if s.dry_run.enabled:
         return _dry_run(s, method)
@@ -134,6 +138,7 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
                               "gradient_checkpointing": s.hardware.gradient_checkpointing,
                               "quantization": model_settings.quantization,
                               "trainable_params": trainable, "total_params": total,
+                              "budget": budget.as_dict() if budget else None,
                               "validation": "on" if s.validates else "off",
                               "train_examples": len(data.train_set), "val_examples": len(data.val_set),
                               "test_examples": len(data.test_set) or None,
