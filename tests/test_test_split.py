@@ -15,7 +15,7 @@ from tiny_runs import one_thread, train_run
 _one_thread = pytest.fixture(autouse=True, scope="module")(one_thread)
 
 
-def test_run_scores_the_test_split_with_the_kept_model(tmp_path):
+def test_run_scores_the_test_split_with_the_kept_model(tmp_path, capsys):
     # monitor.mode=max on val/loss keeps the *worst* validation: a best model that is not the
     # last one, so the test must be scored on the reloaded best weights.
     m = train_run(tmp_path / "run", "trainer.max_steps=6", "optimizer.lr=2e-2", "data.test_fraction=0.1",
@@ -31,6 +31,10 @@ def test_run_scores_the_test_split_with_the_kept_model(tmp_path):
     assert [h["step"] for h in m["val_history"]] == [2, 4, 6]
     assert m["val_history"][-1]["val_loss"] == pytest.approx(m["val_loss"])
     assert m["test_loss"] != pytest.approx(m["val_loss"])
+    out = capsys.readouterr().out
+    assert "Result on the held-out splits (test: 40 examples, best model):" in out
+    row = next(ln.split() for ln in out.splitlines() if ln.strip().startswith("loss "))
+    assert row == ["loss", "-", f"{m['val_loss']:.4f}", f"{m['test_loss']:.4f}"]
 
 
 def _sweep(root):

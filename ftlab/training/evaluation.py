@@ -105,14 +105,16 @@ def results_table(r: dict[str, Any]) -> str:
     test = "test_loss" in r
     lines = ["", "Result on the held-out split" + (f"s (test: {r['test_examples']} examples, "
                                                    f"{r['test_model']} model):" if test else ":"),
-             f"  {'':18} {'before':>10} {'after':>10}" + (f" {'test':>10}" if test else "")]
+             (f"  {'':18} {'val before':>10} {'val after':>10} {'test':>10}" if test
+              else f"  {'':18} {'before':>10} {'after':>10}")]
     if r.get("validation") == "off":
         lines[1:] = ["Validation: off (trainer.limit_val_batches=0), so no held-out scores."]
     for name, fmt in _ROWS:
         key = f"val_{name}"
         if key in r:
             before, after = r.get(f"{key}_initial"), r[key]
-            lines.append(f"  {key:18} {fmt.format(before) if before is not None else '-':>10} "
+            label = name if test else key  # with a test column the rows name the score alone
+            lines.append(f"  {label:18} {fmt.format(before) if before is not None else '-':>10} "
                          f"{fmt.format(after):>10}"
                          + (f" {fmt.format(r[f'test_{name}']) if f'test_{name}' in r else '-':>10}"
                             if test else ""))
