@@ -69,11 +69,16 @@ def test_search_handles_plateaus_and_nonlinear_counts():
 
 
 def test_run_records_the_chosen_size_and_its_count(tmp_path):
-    m = train_run(tmp_path / "run", "method=lora", "budget.trainable_params=4000", "trainer.max_steps=1",
-                  "eval.generate=false")
+    from ftlab.eval import evaluate_run
+
+    run = tmp_path / "run"
+    m = train_run(run, "method=lora", "method.backend=native", "budget.trainable_params=4000",
+                  "trainer.max_steps=1", "eval.generate=false")
     assert m["r"] == 9 and m["trainable_params"] == 448 * 9  # the run's own count equals the planner's
     assert m["budget"] == {"target": 4000, "knob": "r", "value": 9, "trainable_params": 4032,
                            "fixed_size": False, "difference": 32}
+    # config.yaml still says r=8: scoring the run rebuilds the method at the size it trained.
+    assert evaluate_run(run)["val_loss"] == pytest.approx(m["val_loss"], rel=1e-5)
 
 
 def test_works_in_a_sweep(tmp_path):
