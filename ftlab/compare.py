@@ -15,6 +15,9 @@ pick a learning rate per method, and test each configuration against a baseline.
   completed (:func:`ftlab.stats.paired_t_test`).
 - Standard benchmarks: a job's ``lm_eval.json`` (``ftlab.eval --lm-eval``) adds one metric per
   task and lm-eval metric (``arc_easy/acc``), grouped and summarised like the others.
+- Scores: on the held-out test split (``test_*`` in metrics.json) when every completed job has
+  one, else on the validation split. Selection (learning rate, the baseline among several of its
+  configurations) always uses validation loss: the test split selects nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ LR_KEYS = ("optimizer.lr", "lr_scale")
 DESCRIPTIVE = ("method", "model", "data", "r", "alpha", "lr", "precision", "quantization")
 # Numbers in metrics.json that describe a configuration rather than measure a run.
 NOT_MEASURED = {"seed", "r", "alpha", "lr", "trainable_params", "total_params", "world_size",
-                "train_examples", "val_examples", "resumed_at_step"}
+                "train_examples", "val_examples", "test_examples", "test_step", "resumed_at_step"}
 
 
 @dataclass
@@ -300,14 +303,29 @@ def _select_lr(configs: list[Config]) -> None:
             c.selected = i == best
 
 
-def task_metric(configs: list[Config]) -> tuple[str, str]:
-    """The metric the comparison is about: exact match, accuracy, else validation loss
-    (``(key, readable name)``), the first that every completed job has."""
+def scored_split(configs: list[Config]) -> str:
+    """``test`` when every completed job scored a held-out test split, else ``val``."""
     done = [j for c in configs for j in c.done]
-    for key, name in (("val_exact_match", "exact match"), ("val_accuracy", "accuracy")):
-        if done and all(j.metrics.get(key) is not None for j in done):
-            return key, name
-    return "val_loss", "validation loss"
+    return "test" if done and all(j.metrics.get("test_loss") is not None for j in done) else "val"
+
+
+def test_examples(configs: list[Config]) -> int | None:
+    """The size of the test split the scores are on (the largest, should jobs differ)."""
+    sizes = [j.metrics.get("test_examples") for c in configs for j in c.done]
+    return max((n for n in sizes if isinstance(n, int)), default=None)
+
+
+def task_metric(configs: list[Config]) -> tuple[str, str]:
+    """The metric the comparison is about: exact match, accuracy, else loss (``(key, readable
+    name)``), the first that every completed job has, on the test split when there is one
+    (:func:`scored_split`)."""
+    split = scored_split(configs)
+    done = [j for c in configs for j in c.done]
+    where = " (test)" if split == "test" else ""
+    for score, name in (("exact_match", "exact match"), ("accuracy", "accuracy")):
+        if done and all(j.metrics.get(f"{split}_{score}") is not None for j in done):
+            return f"{split}_{score}", name + where
+    return f"{split}_loss", "test loss" if split == "test" else "validation loss"
 
 
 @dataclass

@@ -237,9 +237,13 @@ class RunSettings:
     callbacks: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Modules imported before anything is built, where methods from outside ftlab register.
     plugins: list[str] = field(default_factory=list)
+    # budget.trainable_params: size the method to about this many (ftlab/planning/budget.py).
+    budget: int | None = None
 
     def __post_init__(self) -> None:
         _check_trainer_args(self.trainer)
+        if self.budget is not None:
+            check_positive("budget.trainable_params", self.budget, integer=True)
         for name, spec in self.callbacks.items():
             if spec is not None and not (isinstance(spec, dict) and isinstance(spec.get("_target_"), str)):
                 raise ConfigError(f"callbacks.{name} must be a mapping with _target_: <import path of a "

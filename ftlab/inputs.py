@@ -78,6 +78,8 @@ class DataSettings:
     ``path``: a local file (JSON, JSON Lines, CSV, TSV, Parquet; for ``text`` also plain text),
     a directory or glob of them (``text``), ``builtin:<name>`` (shipped in ftlab), or a Hugging
     Face dataset ``hub:<owner/name>[:split]`` (``subset``: its config name). See docs/data.md.
+
+    ``test_path`` / ``test_fraction``: the held-out test split (one or the other; docs/data.md).
     """
 
     name: str
@@ -85,6 +87,11 @@ class DataSettings:
     format: str = "instruction"
     val_path: str | None = None
     val_fraction: float = 0.1
+    # The held-out test split, scored once after training and never used to select a
+    # checkpoint or learning rate: a file in the training data's format, or a fraction of the
+    # training records carved with ``seed`` (off when neither is given).
+    test_path: str | None = None
+    test_fraction: float = 0.0
     seed: int = 0
     max_length: int = 256
     # Record field -> the name used in the file; fields not given keep their own name.
@@ -113,6 +120,7 @@ class DataSettings:
             check_fraction("data.val_fraction", self.val_fraction)
             if self.val_fraction == 0:
                 raise ConfigError("data.val_fraction must be > 0 when no data.val_path is given")
+        self._check_test()
         if self.subset is not None and (not isinstance(self.subset, str) or not self.subset.strip()):
             raise ConfigError(f"data.subset must name a dataset config (subset) of a hub dataset, "
                               f"got {self.subset!r}")
@@ -141,3 +149,21 @@ class DataSettings:
             self.labels = [str(v) for v in self.labels]
             if len(set(self.labels)) != len(self.labels):
                 raise ConfigError(f"data.labels has duplicates: {self.labels}")
+
+    def _check_test(self) -> None:
+        fraction = self.test_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise ConfigError(f"data.test_fraction must be a fraction in [0, 1) of the training records "
+                              f"(0: no test split), got {fraction!r}")
+        if self.test_path is not None and (not isinstance(self.test_path, str) or not self.test_path.strip()):
+            raise ConfigError(f"data.test_path must name a file, got {self.test_path!r}")
+        if self.test_path and fraction:
+            raise ConfigError(f"give data.test_path={self.test_path} or data.test_fraction={fraction}, "
+                              "not both")
+        if self.test_path and self.test_path in (self.path, self.val_path):
+            raise ConfigError(f"data.test_path={self.test_path} is also the "
+                              f"{'training' if self.test_path == self.path else 'validation'} data; "
+                              "a test split must be held out from both")
+        if fraction and self.val_path is None and fraction + self.val_fraction >= 1:
+            raise ConfigError(f"data.test_fraction={fraction} + data.val_fraction={self.val_fraction} "
+                              "leaves no training records; lower one of them")

@@ -126,7 +126,7 @@ def plot_pareto(items: list, out: Path) -> str:
     for ax, (cost, cost_name) in zip(axes, COSTS):
         placed = [(c, x, c.summary(key)) for c in shown if (x := _cost(c, cost)) is not None]
         points = [(x.mean, y.mean) for _, x, y in placed]
-        front = set(pareto_front(points, higher_is_better=key != "val_loss"))
+        front = set(pareto_front(points, higher_is_better=not key.endswith("_loss")))
         for i, ((config, x, y), lift) in enumerate(zip(placed, label_lifts(points))):
             ax.errorbar([x.mean], [y.mean], xerr=[[x.half_width or 0.0]] if cost != "trainable_params" else None,
                         yerr=[[y.half_width or 0.0]], fmt="o", markersize=6, capsize=3, zorder=3,

@@ -41,7 +41,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ftlab.compare import Config, baseline_config, collect, compare, group, lm_eval_metrics, task_metric
+from ftlab.compare import (Config, baseline_config, collect, compare, group, lm_eval_metrics, scored_split,
+                           task_metric, test_examples)
 from ftlab.console import CommandParser, quiet_third_party
 from ftlab.errors import UserError
 from ftlab.metrics.lm_harness import is_fraction
@@ -53,18 +54,25 @@ __all__ = ["collect", "pareto_front", "plot_curves", "plot_pareto", "report", "_
 
 COLUMNS = ["job", "method", "r", "alpha", "lr", "seed", "precision", "quantization", "trainable_params",
            "val_loss", "val_exact_match", "val_answer_f1", "val_accuracy", "val_f1",
+           "test_loss", "test_exact_match", "test_answer_f1", "test_accuracy", "test_f1",
            "tokens_per_second", "peak_memory_mb", "wall_time_s", "outside_training_share", "status", "error"]
 # Shown in the printed table only when some job has them: the task metrics of generation data
 # (exact match, answer F1) and of classification data (accuracy, macro F1), the share of a job's
 # wall time spent outside training (start-up, loading, evaluation, saving), and failures.
-OPTIONAL = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1", "outside_training_share", "error")
-# The metrics of the configuration table, in this order, where some job has them.
-SHOWN_METRICS = ["val_loss", "val_exact_match", "val_answer_f1", "val_accuracy", "val_f1",
-                 "tokens_per_second", "peak_memory_mb", "wall_time_s", "outside_training_share"]
+# With a held-out test split, its scores too (test_*).
+SCORES = ["val_loss", "val_exact_match", "val_answer_f1", "val_accuracy", "val_f1"]
+TEST_SCORES = [s.replace("val_", "test_", 1) for s in SCORES]
+OPTIONAL = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1", *TEST_SCORES,
+            "outside_training_share", "error")
+COSTS = ["tokens_per_second", "peak_memory_mb", "wall_time_s", "outside_training_share"]
+# The metrics of the configuration table, in this order, where some job has them: the scores of
+# the split the comparison is on (the test split when every job has one), then the costs.
+SHOWN_METRICS = TEST_SCORES + SCORES + COSTS
 # The method every configuration is tested against when --baseline is not given (if present).
 DEFAULT_BASELINE = "lora"
 DESCRIBE = ["method", "r", "alpha", "lr", "precision", "quantization", "trainable_params"]
-PERCENT = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1", "outside_training_share")
+PERCENT = ("val_exact_match", "val_answer_f1", "val_accuracy", "val_f1", *TEST_SCORES[1:],
+           "outside_training_share")
 
 
 def _fmt(value: Any, column: str) -> str:
@@ -79,7 +87,7 @@ def _fmt(value: Any, column: str) -> str:
     if column == "lr":
         return f"{float(value):g}"
     if isinstance(value, float):
-        if column == "val_loss":
+        if column.endswith("_loss"):
             return f"{value:.4f}"
         return f"{value:.0f}" if abs(value) >= 10 else f"{value:.2f}"
     return str(value)
@@ -207,7 +215,8 @@ def report(directory: Path, columns: list[str] | None = None, baseline: str | No
     jobs = collect(directory)
     configs = group(jobs, directory)
     key, name = task_metric(configs)
-    tested = ["val_loss"] + ([key] if key != "val_loss" else [])
+    split = scored_split(configs)  # test: the headline scores are the held-out test split's
+    tested = [f"{split}_loss"] + ([key] if key != f"{split}_loss" else [])
     methods = [c.first("method") for c in configs]
     base_name = baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in methods else None)
     base = baseline_config(configs, base_name) if base_name else None
@@ -236,7 +245,8 @@ def report(directory: Path, columns: list[str] | None = None, baseline: str | No
                      "(run the sweep with seeds=N)")
     else:
         shown = [c for c in configs if c.selected is not False]
-        metrics = [m for m in _after_task_metrics(SHOWN_METRICS, benchmarks) if any(c.summary(m) for c in configs)]
+        headline = (TEST_SCORES if split == "test" else SCORES) + COSTS
+        metrics = [m for m in _after_task_metrics(headline, benchmarks) if any(c.summary(m) for c in configs)]
         # One column per tested metric: "vs lora (val_loss)", "vs lora (val_exact_match)".
         versus = {m: f"vs {base_name} ({m})" for m in tested} if base else {}
         allowed = ["config", *DESCRIBE, "seeds", *metrics, *versus.values()]
@@ -257,6 +267,10 @@ def report(directory: Path, columns: list[str] | None = None, baseline: str | No
                          f"paired t-test, two-sided; n.s. = not significant at {ALPHA:.0%}")
         if any(c.selected is not None for c in configs):
             notes.append("learning rate selected per method by mean validation loss; every rate is in report.csv")
+    if split == "test":
+        notes.insert(0, f"scores on the held-out test split (n={test_examples(configs)} examples), of "
+                        "the model each run kept (its best validation loss); learning rates and "
+                        "checkpoints were selected on the validation split, never on the test split")
     if unknown := [c for c in columns if c not in allowed]:
         raise UserError(f"unknown column(s) {', '.join(unknown)}; columns: {', '.join(allowed)}")
     table = markdown_table(table_rows, columns) + "\n\n" + "\n".join(f"- {n}" for n in notes)

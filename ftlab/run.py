@@ -27,10 +27,11 @@ from ftlab.methods.quantized import base_quantization, check_quantized_base
 from ftlab.metrics.memory import peak_memory_mb, process_age_s, reset_peak_memory
 from ftlab.models import check_available, meta_model
 from ftlab.models.reuse import load_base
+from ftlab.planning.budget import fit_budget
 from ftlab.planning.counts import parameter_summary
 from ftlab.training.checkpoints import AtomicCheckpointIO, RunState, checkpoint_identity
 from ftlab.training import eval_cache
-from ftlab.training.evaluation import VAL_SCORES, evaluate_held_out
+from ftlab.training.evaluation import VAL_SCORES, evaluate_held_out, evaluate_test, results_table
 from ftlab.training.preemption import slurm_plugins
 from ftlab.training.faults import GracefulStop, NonFiniteLossGuard, supervise, write_failures
 from ftlab.training.hardware import (build_strategy, check_hardware, enable_gradient_checkpointing,
@@ -91,6 +92,9 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.set_float32_matmul_precision("high")
 
+    s, budget = fit_budget(s, s.budget)  # budget.trainable_params: the method's size for it
+    if budget is not None:
+        say(budget.line(s.method["name"]))
     method = preflight(s)
     if s.dry_run.enabled:
         return _dry_run(s, method)
@@ -140,8 +144,10 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
                               "gradient_checkpointing": s.hardware.gradient_checkpointing,
                               "quantization": model_settings.quantization, "base_reused": base_reused,
                               "trainable_params": trainable, "total_params": total,
+                              "budget": budget.as_dict() if budget else None,
                               "validation": "on" if s.validates else "off",
                               "train_examples": len(data.train_set), "val_examples": len(data.val_set),
+                              "test_examples": len(data.test_set) or None,
                               "data_stats": {k: v.as_dict() for k, v in data.stats.items()},
                               **logged_to(logger)}
 
@@ -189,6 +195,9 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
 
         result["best"] = _keep_best(trainer, module, method, tokenizer, s, run_dir, writer)
         clock.lap("save")
+        if data.has_test:  # after _keep_best: the model kept (best validation) is the one tested
+            result.update(evaluate_test(trainer, module, data, s, tokenizer, result["best"]))
+            clock.lap("eval_test")
         result.update(module.throughput())
         result.update({
             "status": "completed",
@@ -203,15 +212,15 @@ def train(s: RunSettings, config: dict[str, Any] | None = None,
         })
         if writer:
             write_json(run_dir / "metrics.json", result)
-    say(_final_report(result))
+    say(results_table(result))
     finish_logger(logger, result)
     return result
 
 
 class _PhaseClock:
     """Where a job's wall time goes: ``setup`` (checks, data files), ``load`` (weights, data,
-    method), ``eval_before``, ``train``, ``checkpoint``, ``eval_after``, ``save`` (adapters), in
-    seconds; the first job of a process also gets ``startup`` (interpreter and imports, from the
+    method), ``eval_before``, ``train``, ``checkpoint``, ``eval_after``, ``save`` (adapters),
+    ``eval_test``, in seconds; the first job of a process also gets ``startup`` (interpreter and imports, from the
     process's start). Sweeps are many jobs: what is not training is what to cut."""
 
     _first_job = True
@@ -356,25 +365,6 @@ def _monitor_callbacks(s: RunSettings, run_dir: Path) -> list:
         out.append(EarlyStopping(monitor=m.metric, mode=m.direction, patience=m.patience,
                                  min_delta=m.min_delta, check_on_train_epoch_end=False, strict=True))
     return out
-
-
-def _final_report(r: dict[str, Any]) -> str:
-    lines = ["", "Result on the held-out split:",
-             f"  {'':18} {'before':>10} {'after':>10}"]
-    if r.get("validation") == "off":
-        lines[1:] = ["Validation: off (trainer.limit_val_batches=0), so no held-out scores."]
-    for key, fmt in (("val_loss", "{:.4f}"), ("val_perplexity", "{:.2f}"), ("val_token_accuracy", "{:.1%}"),
-                     ("val_exact_match", "{:.1%}"), ("val_answer_f1", "{:.1%}"),
-                     ("val_bleu", "{:.1%}"), ("val_rouge_l", "{:.1%}"),
-                     ("val_accuracy", "{:.1%}"), ("val_f1", "{:.1%}")):
-        if key in r:
-            before = r.get(f"{key}_initial")
-            lines.append(f"  {key:18} {fmt.format(before) if before is not None else '-':>10} "
-                         f"{fmt.format(r[key]):>10}")
-    lines.append(f"  trainable {r['trainable_params']:,} / {r['total_params']:,} parameters, "
-                 f"{r['tokens_per_second']:.0f} tokens/s, step {r['step_time_s']:.2f} s, "
-                 f"peak memory {r['peak_memory_mb']:.0f} MB, wall time {r['wall_time_s']:.0f} s")
-    return "\n".join(lines)
 
 
 def _save_trained(method, module, tokenizer, target: Path) -> None:

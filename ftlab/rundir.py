@@ -61,7 +61,13 @@ class RunDir:
     def settings(self) -> RunSettings:
         from ftlab.settings import settings_from_config
 
-        return settings_from_config(self._cfg, str(self.path))
+        s = settings_from_config(self._cfg, str(self.path))
+        # budget.trainable_params chose the method's size when the run started (metrics.json
+        # records it): what was trained has that size, not the one config.yaml names.
+        chosen = self.metrics.get("budget") or {}
+        if chosen.get("knob") and chosen.get("value") is not None:
+            s = dataclasses.replace(s, method={**s.method, chosen["knob"]: chosen["value"]})
+        return s
 
     @property
     def config(self) -> dict[str, Any]:

@@ -90,6 +90,8 @@ def settings_from_config(cfg, run_dir: str) -> RunSettings:
         sweep_name=sweep_name,
         callbacks={k: v for k, v in (c.get("callbacks") or {}).items() if v is not None},
         plugins=plugins,
+        budget=(c.get("budget") or {}).get("trainable_params") if isinstance(c.get("budget") or {}, dict)
+        else c.get("budget"),
     )
 
 

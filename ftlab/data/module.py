@@ -5,13 +5,14 @@ One class serves every format (:mod:`ftlab.data.formats` supplies what differs),
 1. :meth:`DataModule.check_files` reads and validates every record without a tokenizer, so the
    command line refuses a bad file (exit status 2, one line naming file, line/row and field)
    before any weights load. For classification it also fixes the label set.
-2. :meth:`DataModule.setup` (with a tokenizer) encodes both splits, or reuses them from the
+2. :meth:`DataModule.setup` (with a tokenizer) encodes the splits, or reuses them from the
    on-disk cache (:mod:`ftlab.data.cache`), drops or truncates over-long examples, plans the
    packed rows, and computes the statistics printed by :meth:`describe`.
 """
 
 from __future__ import annotations
 
+import json
 import random
 
 import lightning as L
@@ -41,6 +42,34 @@ def split_records(records: list, val_fraction: float, seed: int, source: str = "
     return train, val
 
 
+def carve_test(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """The held-out test split: ``fraction`` of the *distinct* records (at least one), drawn
+    with a random stream of its own (``data.seed``, never the run's seed), so every method and
+    seed is scored on the same test set, whatever ``val_fraction``. All copies of a record go to
+    the same side, so the test split shares no record with training or validation."""
+    keys = list(dict.fromkeys(_key(r) for r in records))
+    random.Random(f"ftlab-test-split-{seed}").shuffle(keys)
+    n_test = max(1, round(fraction * len(keys)))
+    if n_test >= len(keys):
+        raise DataError(f"only {len(keys)} distinct record(s): too few to hold out a test split "
+                        "(give data.test_path, or more data)")
+    held = set(keys[:n_test])
+    return [r for r in records if _key(r) not in held], [r for r in records if _key(r) in held]
+
+
+def check_disjoint(test: list, others: list, where: str) -> None:
+    """Refuse a test split that shares records with the data the run trains or selects on."""
+    seen = {_key(r) for r in others}
+    shared = [r for r in test if _key(r) in seen]
+    if shared:
+        raise DataError(f"{len(shared)} of the {len(test)} test record(s) also appear in {where} "
+                        f"(first: {_key(shared[0])[:120]}); a test split must be disjoint from them")
+
+
+def _key(record) -> str:
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
+
+
 class DataModule(L.LightningDataModule):
     """Records of any ``data.format``, batched with dynamic padding, length grouping or packing."""
 
@@ -51,8 +80,10 @@ class DataModule(L.LightningDataModule):
         self.format = build_format(settings)
         self.train_records: list[dict] = []
         self.val_records: list[dict] = []
+        self.test_records: list[dict] = []  # empty: no test split (data.test_path, data.test_fraction)
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
+        self.test_set: list[dict] = []
         self.packed_rows: list[list[int]] | None = None
         self.stats: dict[str, SplitStats] = {}
         self.cache_status = "off"
@@ -79,19 +110,30 @@ class DataModule(L.LightningDataModule):
         s = self.settings
         train = self._read(s.path)
         val = self._read(s.val_path) if s.val_path else None
+        test = self._read(s.test_path) if s.test_path else None
         if s.format == "classification":
             # The label set comes from all of the training file, before the split, so a rare
             # label that lands in the held-out part is not reported as unknown.
             self.format.set_labels(train)
-            for row, record in train + (val or []):
+            for row, record in train + (val or []) + (test or []):
                 self.format.check_label(row, record)
         records = [r for _, r in train]
+        self.test_records = [r for _, r in test] if test is not None else []
+        if s.test_fraction and s.format != "text":  # (text: test blocks are carved after tokenising)
+            records, self.test_records = carve_test(records, s.test_fraction, s.seed)
         if val is not None:
             self.train_records, self.val_records = records, [r for _, r in val]
         elif s.format == "text":
             self.train_records, self.val_records = records, []  # split into blocks later
         else:
             self.train_records, self.val_records = split_records(records, s.val_fraction, s.seed, s.path)
+        if self.test_records:
+            check_disjoint(self.test_records, self.train_records + self.val_records,
+                           "the training or validation data")
+
+    @property
+    def has_test(self) -> bool:
+        return bool(self.test_records or self.test_set)
 
     def _read(self, path: str) -> list[tuple[Row, dict]]:
         if self.settings.format == "text" and not _structured(path):
@@ -116,12 +158,15 @@ class DataModule(L.LightningDataModule):
                 "val_path": bool(s.val_path), **self.format.fingerprint(self.tokenizer),
                 "tokenizer": cache.tokenizer_fingerprint(self.tokenizer),
                 "records": cache.records_digest(self.train_records, self.val_records),
+                **({"test_fraction": s.test_fraction, "test_path": bool(s.test_path),
+                    "test_records": cache.records_digest(self.test_records)} if self._wants_test else {}),
             })
             splits, meta, self.cache_status = cache.load_or_build(key, self._encode_for_cache)
             self.train_set, self.val_set = splits["train"], splits["val"]
+            self.test_set = splits.get("test", [])
             counts = meta["counts"]
         else:
-            (self.train_set, self.val_set), counts = self._encode_splits()
+            (self.train_set, self.val_set, self.test_set), counts = self._encode_splits()
         if s.packing:
             self.packed_rows = pack([len(e["input_ids"]) for e in self.train_set], s.max_length)
         pad_to = s.max_length if s.padding == "max_length" else None
@@ -130,33 +175,48 @@ class DataModule(L.LightningDataModule):
                                           packed_rows=self.packed_rows)
         self.stats["val"] = split_stats(self.val_set, *counts["val"], batch_size=s.eval_batch_size,
                                         pad_to=None)
+        if self.test_set:
+            self.stats["test"] = split_stats(self.test_set, *counts["test"], batch_size=s.eval_batch_size,
+                                             pad_to=None)
+
+    @property
+    def _wants_test(self) -> bool:
+        return bool(self.settings.test_path or self.settings.test_fraction)
 
     def _encode_for_cache(self):
-        (train, val), counts = self._encode_splits()
-        return {"train": train, "val": val}, {"counts": counts, "format": self.settings.format,
-                                              "data": self.settings.name}
+        (train, val, test), counts = self._encode_splits()
+        splits = {"train": train, "val": val, **({"test": test} if test else {})}
+        return splits, {"counts": counts, "format": self.settings.format, "data": self.settings.name}
 
     def _encode_splits(self):
         s = self.settings
         if s.format == "text":
             train = [{"input_ids": b, "labels": list(b)} for b in
                      encode_text_blocks([r["text"] for r in self.train_records], self.tokenizer, s.max_length)]
+            test = [{"input_ids": b, "labels": list(b)} for b in
+                    encode_text_blocks([r["text"] for r in self.test_records], self.tokenizer, s.max_length)
+                    ] if self.test_records else []
+            if s.test_fraction and not self.test_records:  # plain text: blocks of the documents
+                train, test = carve_test(train, s.test_fraction, s.seed)
             if self.val_records:
                 val = [{"input_ids": b, "labels": list(b)} for b in
                        encode_text_blocks([r["text"] for r in self.val_records], self.tokenizer, s.max_length)]
             else:
                 train, val = split_records(train, s.val_fraction, s.seed,
                                            f"{s.path} (cut into blocks of {s.max_length} tokens)")
-            return (train, val), {"train": (0, 0), "val": (0, 0)}
+            if test:
+                check_disjoint(test, train + val, "the training or validation blocks")
+            return (train, val, test), {"train": (0, 0), "val": (0, 0), "test": (0, 0)}
         out, counts = [], {}
-        for name, records in (("train", self.train_records), ("val", self.val_records)):
+        splits = [("train", self.train_records), ("val", self.val_records)]
+        for name, records in splits + ([("test", self.test_records)] if self.test_records else []):
             examples, truncated, dropped = self._encode_records(records)
             if not examples:
                 raise DataError(f"every {name} example was dropped (longer than data.max_length="
                                 f"{s.max_length}, or nothing left to learn after truncation)")
             out.append(examples)
             counts[name] = (truncated, dropped)
-        return tuple(out), counts
+        return tuple(out) + (() if self.test_records else ([],)), counts
 
     def _encode_records(self, records: list[dict]) -> tuple[list[dict], int, int]:
         """Encoded examples, how many were truncated, and how many dropped.
@@ -199,7 +259,14 @@ class DataModule(L.LightningDataModule):
         return DataLoader(self.train_set, shuffle=True, collate_fn=Collator(pad, pad_to), **common)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.settings.eval_batch_size, shuffle=False,
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        """The held-out test split: scored once after training, never used to select anything."""
+        return self._eval_loader(self.test_set)
+
+    def _eval_loader(self, examples: list[dict]) -> DataLoader:
+        return DataLoader(examples, batch_size=self.settings.eval_batch_size, shuffle=False,
                           collate_fn=Collator(self.tokenizer.pad_token_id),
                           num_workers=self.settings.num_workers)
 

@@ -33,7 +33,10 @@ class Traits:
     - ``changes_model_at_init``: whether applying it changes the model's outputs before any
       step (prompt methods, a quantized base) - the "before" evaluation depends on it;
     - ``parameter_efficient``: False for full fine-tuning, whose point is to train every weight
-      (the others get a warning when they train more than 5% of the model).
+      (the others get a warning when they train more than 5% of the model);
+    - ``size_knob``: the ``method.<key>`` that sets how many parameters it trains (rank,
+      prompt length, bottleneck width), an integer the count grows with, which
+      ``budget.trainable_params`` tunes (:mod:`ftlab.planning.budget`); None: a fixed size.
     """
 
     artifact: str = "adapter"
@@ -46,6 +49,7 @@ class Traits:
     gradient_checkpointing: bool = False
     changes_model_at_init: bool = False
     parameter_efficient: bool = True
+    size_knob: str | None = None
 
 
 @runtime_checkable

@@ -107,7 +107,7 @@ class BottleneckAdapters(PlainHooks):
     init_scale: float = 1e-3
     target_modules: Any = "auto"
     name: str = "adapter"
-    traits = Traits(artifact_format="own", mergeable=False, changes_model_at_init=True,
+    traits = Traits(artifact_format="own", mergeable=False, changes_model_at_init=True, size_knob="bottleneck",
                     merge_note="a bottleneck adapter has a nonlinearity between its two projections, "
                                "so it is not a change of any weight matrix. Export the adapter instead "
                                "(--adapter OUT; ftlab's own format, loaded by ftlab.eval)")

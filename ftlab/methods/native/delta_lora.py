@@ -83,7 +83,7 @@ class DeltaLora(PlainHooks):
     start_step: int = 500
     target_modules: Any = ("q_proj", "v_proj")
     name: str = "delta_lora"
-    traits = Traits(merge_note="Delta-LoRA also moved the base weights during training: writing its "
+    traits = Traits(size_knob="r", merge_note="Delta-LoRA also moved the base weights during training: writing its "
                                "full weights (base + its weight updates + the low-rank adapter)")
     step: int = field(default=0, init=False)
     _layers: dict[str, LoraLinear] = field(default_factory=dict, init=False, repr=False)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import ConfigError
-from ftlab.methods.base import PlainHooks, freeze
+from ftlab.methods.base import PlainHooks, Traits, freeze
 from ftlab.methods.native.common import (
     PEFT_PREFIX,
     MergeableDelta,
@@ -125,6 +125,8 @@ class NativeLora(PlainHooks):
     """LoRA with ftlab's own layers (see the module docstring).
 
     ``train_A=False`` freezes A after injection (what LoRA-FA builds on)."""
+
+    traits = Traits(size_knob="r")
 
     r: int
     alpha: float

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ftlab.errors import check_choice
-from ftlab.methods.base import PlainHooks
+from ftlab.methods.base import PlainHooks, Traits
 from ftlab.methods.native.lora import NativeLora, lora_layers
 from ftlab.methods.checks import check_low_rank, check_targets
 from ftlab.methods.registry import register
@@ -53,6 +53,8 @@ VARIANTS = ("paper", "peft_optimizer")
 @dataclass
 class LoraFA(PlainHooks):
     """LoRA with A frozen after its random init; B alone trains (module docstring)."""
+
+    traits = Traits(size_knob="r")
 
     r: int = 8
     alpha: float = 16

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ftlab.errors import ConfigError, check_fraction, check_positive
-from ftlab.methods.base import PlainHooks, freeze
+from ftlab.methods.base import PlainHooks, Traits, freeze
 from ftlab.methods.native.common import (
     PEFT_PREFIX,
     MergeableDelta,
@@ -129,6 +129,8 @@ def vera_layers(model: nn.Module) -> dict[str, VeraLinear]:
 @dataclass
 class NativeVera(PlainHooks):
     """VeRA with ftlab's own layers (see the module docstring)."""
+
+    traits = Traits(size_knob="r")
 
     r: int = 256
     d_initial: float = 0.1

@@ -66,7 +66,7 @@ def loha(r: int = 8, alpha: float = 8, rank_dropout: float = 0.0, module_dropout
 
     config = LoHaConfig(r=r, alpha=alpha, rank_dropout=rank_dropout, module_dropout=module_dropout,
                         target_modules=targets, task_type="CAUSAL_LM")
-    return PeftMethod("loha", config, traits=Traits(quantized_base=False))
+    return PeftMethod("loha", config, traits=Traits(quantized_base=False, size_knob="r"))
 
 
 @register("lokr")
@@ -92,4 +92,4 @@ def lokr(r: int = 8, alpha: float = 8, rank_dropout: float = 0.0, module_dropout
     config = LoKrConfig(r=r, alpha=alpha, rank_dropout=rank_dropout, module_dropout=module_dropout,
                         target_modules=targets, decompose_both=decompose_both,
                         decompose_factor=decompose_factor, task_type="CAUSAL_LM")
-    return PeftMethod("lokr", config, traits=Traits(quantized_base=False))
+    return PeftMethod("lokr", config, traits=Traits(quantized_base=False, size_knob="r"))

@@ -50,7 +50,7 @@ def lora(
         bias=bias,
         task_type="CAUSAL_LM",
     )
-    return PeftMethod("lora", config)
+    return PeftMethod("lora", config, traits=Traits(quantized_base=True, size_knob="r"))
 
 
 def _lora_config(r, alpha, dropout, targets, **extra):
@@ -75,7 +75,7 @@ def dora(r: int = 8, alpha: float = 16, dropout: float = 0.05,
     targets = check_targets(target_modules)
     # m * W0 / ||W0|| equals W0 only up to rounding: the model is not bit-identical at step 0.
     return PeftMethod("dora", _lora_config(r, alpha, dropout, targets, use_dora=True),
-                      traits=Traits(quantized_base=True, changes_model_at_init=True))
+                      traits=Traits(quantized_base=True, changes_model_at_init=True, size_knob="r"))
 
 
 @register("pissa")
@@ -98,7 +98,7 @@ def pissa(r: int = 8, alpha: float = 8, dropout: float = 0.0,
     init = "pissa" if svd_niter is None else f"pissa_niter_{svd_niter}"
     # The residual split rewrites W0 (float weights only) and is not bit-exact at step 0.
     return PeftMethod("pissa", _lora_config(r, alpha, dropout, targets, init_lora_weights=init),
-                      traits=Traits(changes_model_at_init=True), save_as_lora=True)
+                      traits=Traits(changes_model_at_init=True, size_knob="r"), save_as_lora=True)
 
 
 @register("lora_plus")
@@ -116,6 +116,7 @@ def lora_plus(r: int = 8, alpha: float = 16, dropout: float = 0.05,
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 1:
         raise ConfigError(f"method.ratio must be a number > 1 (lr_B = ratio * lr_A), got {ratio!r}")
     return PeftMethod("lora_plus", _lora_config(r, alpha, dropout, targets),
+                      traits=Traits(quantized_base=True, size_knob="r"),
                       groups=lambda model, lr, wd: loraplus_groups(model, lr, wd, float(ratio)))
 
 
@@ -179,7 +180,8 @@ def vera(r: int = 256, d_initial: float = 0.1, projection_prng_key: int = 0, dro
     config = VeraConfig(r=r, d_initial=float(d_initial), projection_prng_key=projection_prng_key,
                         vera_dropout=dropout, target_modules=targets, save_projection=save_projection,
                         task_type="CAUSAL_LM")
-    return PeftMethod("vera", config)
+    # VeRA's rank r sizes the frozen shared A, B and the trainable d (r per adapted layer).
+    return PeftMethod("vera", config, traits=Traits(quantized_base=True, size_knob="r"))
 
 
 @register("qlora")
@@ -198,5 +200,5 @@ def qlora(r: int = 64, alpha: float = 16, dropout: float = 0.05,
     targets = check_targets(target_modules)
     check_bool("method.gradient_checkpointing", gradient_checkpointing)
     return PeftMethod("qlora", _lora_config(r, alpha, dropout, targets),
-                      traits=Traits(quantized_base=True, base_quantization="nf4",
+                      traits=Traits(quantized_base=True, base_quantization="nf4", size_knob="r",
                                     gradient_checkpointing=gradient_checkpointing))

@@ -15,6 +15,7 @@ from ftlab.methods.registry import register
 
 PROMPT_TRAITS = Traits(
     mergeable=False, packing=False, changes_model_at_init=True, quantized_base=True,
+    size_knob="num_virtual_tokens",
     merge_note="it trains virtual tokens that are prepended to every input, not a change to any "
                "weight. Export the adapter instead (--adapter OUT); peft.PeftModel.from_pretrained"
                "(base, OUT) loads it")
