@@ -303,3 +303,10 @@ def test_a_classifier_head_and_the_model_s_own_name_are_saved(tmp_path):
         build_method("lora", backend="native", bias="all")
     assert str(error.value) == ("method.bias='all' is not supported by method.backend=native; "
                                 "use method.bias=none or method.backend=peft")
+
+
+def test_native_builder_defaults():
+    from ftlab.methods.native.lora import NativeLora, build_native_lora
+
+    assert build_native_lora() == NativeLora(r=8, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj"),
+                                             use_rslora=False)
