@@ -79,6 +79,8 @@ def test_only_A_B_train_and_nothing_else_moves():
     layers = lora_layers(model)
     assert count_parameters(model)[0] == sum(R * (layer.in_features + layer.out_features) for layer in layers.values())
     assert all(isinstance(layer.lora_dropout, torch.nn.Identity) for layer in layers.values())  # no dropout
+    assert m.state_dict()["step"] == 0
+    assert not [k for k in model.state_dict() if "delta_lora_base" in k]  # W0 is no checkpoint tensor
     train_by_hand(m, model, STEPS)
     moved = {f"{n}.base_layer.weight" for n in layers}
     original = dict(base.named_parameters())
@@ -93,6 +95,7 @@ def test_zero_update_ratio_is_plain_lora():
     model = m.apply(plain_model("llama"), STEPS)
     _, weights = train_by_hand(m, model, STEPS)
     assert all(torch.equal(weights[-1][n], weights[0][n]) for n in weights[0])
+    assert m.state_dict()["anchor"] == {}  # W never starts to move
 
 
 def test_state_dict_restores_W_on_a_fresh_base():
@@ -249,7 +252,7 @@ def test_saved_metadata_and_the_refusals_of_save_and_load(tmp_path):
 
     with torch.no_grad():  # A moved after the last after_optimizer_step: the saved W would be stale
         next(iter(lora_layers(model).values())).lora_A.weight.add_(1.0)
-    with pytest.raises(RuntimeError, match="A, B changed since the last after_optimizer_step"):
+    with pytest.raises(RuntimeError, match="^Delta-LoRA save: A, B changed since the last after_optimizer_step$"):
         m.save(model, tmp_path / "b")
 
     tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
@@ -279,3 +282,58 @@ def test_no_state_is_no_change_and_state_before_apply_waits_for_it():
     for name, layer in lora_layers(model).items():
         torch.testing.assert_close(lora_layers(model2)[name].base_layer.weight, layer.base_layer.weight,
                                    atol=1e-6, rtol=0)
+
+
+def test_D_is_formed_in_float32_from_bf16_factors():
+    """bf16-true training casts A and B to bf16: D = lam s (B A - B0 A0) is still formed in fp32."""
+    m = build_method("delta_lora", r=2, alpha=4, update_ratio=2.0, start_step=0, target_modules=["q_proj"])
+    m.apply(OneLayer(torch.float32), 1)
+    g = torch.Generator().manual_seed(0)
+    a, a0 = (torch.randn(2, 256, generator=g).to(torch.bfloat16) for _ in range(2))
+    b, b0 = (torch.randn(256, 2, generator=g).to(torch.bfloat16) for _ in range(2))
+    m.load_state_dict({"step": 3, "prev": {"q_proj": (a, b)}, "anchor": {"q_proj": (a0, b0)}})
+    d = m.moved("q_proj")
+    assert d.dtype == torch.float32
+    torch.testing.assert_close(d, (b.float() @ a.float() - b0.float() @ a0.float()) * (2.0 * 4 / 2))
+
+
+class TinyForSequenceClassification(torch.nn.Module):
+    def __init__(self, classes: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = torch.nn.Linear(4, 4)
+        self.classifier = torch.nn.Linear(4, classes)
+
+    def forward(self, x):
+        return self.classifier(self.q_proj(x))
+
+
+def test_a_classifier_head_is_saved_and_loaded_and_load_names_what_does_not_fit(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+
+    m = build_method("delta_lora", r=2, alpha=4, start_step=0, target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match="nowhere"):
+        build_method("delta_lora", target_modules=["nowhere"]).check(TinyForSequenceClassification())
+    m.check(TinyForSequenceClassification())
+    model = m.apply(TinyForSequenceClassification(), 3)
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    m.save(model, tmp_path / "a")
+    path = tmp_path / "a" / "adapter_model.safetensors"
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(load_file(str(path)))
+    loaded = build_method("delta_lora", target_modules=["q_proj"]).load(TinyForSequenceClassification(), tmp_path / "a")
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    with pytest.raises(ValueError) as error:  # a head of another shape
+        build_method("delta_lora", target_modules=["q_proj"]).load(TinyForSequenceClassification(3), tmp_path / "a")
+    assert str(error.value).startswith(f"{tmp_path / 'a'}: classifier.")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    extra = {f"base_model.model.extra{i}.weight": torch.zeros(1) for i in range(4)}
+    save_file({**load_file(str(path)), **extra}, str(path), metadata=meta)
+    with pytest.raises(ValueError) as error:
+        build_method("delta_lora", target_modules=["q_proj"]).load(TinyForSequenceClassification(), tmp_path / "a")
+    assert str(error.value).endswith("tensors with no place in this model: ['base_model.model.extra0.weight', "
+                                     "'base_model.model.extra1.weight', 'base_model.model.extra2.weight']")

@@ -17,7 +17,7 @@ from transformers import (
 
 from ftlab.errors import ConfigError
 from ftlab.methods import build_method, count_parameters
-from ftlab.methods.native.adapter import BottleneckAdapter
+from ftlab.methods.native.adapter import BottleneckAdapter, auto_targets
 
 HIDDEN, LAYERS, M = 32, 2, 8
 
@@ -118,8 +118,18 @@ def test_explicit_targets_and_errors():
     for key, value in [("bottleneck", 0), ("nonlinearity", "swish"), ("init_scale", 0)]:
         with pytest.raises(ConfigError, match=f"method.{key}"):
             build_method("adapter", **{key: value})
-    with pytest.raises(ConfigError, match="method.target_modules=auto"):
+    with pytest.raises(ConfigError) as error:
         build_method("adapter").check(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    assert str(error.value) == (
+        "method.target_modules=auto knows Llama-style (o_proj, down_proj), GPT-2 (attn.c_proj, mlp.c_proj) "
+        "and BERT (attention.output.dense, output.dense) layers; name this model's sublayer output "
+        "projections in method.target_modules")
+    # auto needs both projections of an architecture, not one of them
+    half = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"o_proj": torch.nn.Linear(4, 4)})})
+    with pytest.raises(ConfigError, match="auto knows"):
+        auto_targets(half)
+    with pytest.raises(ConfigError, match="nowhere"):
+        build_method("adapter", target_modules=["nowhere"]).check(TinyForSequenceClassification())
 
 
 def test_init_is_truncated_normal_with_zero_biases_and_gelu_by_default():
@@ -132,6 +142,10 @@ def test_init_is_truncated_normal_with_zero_biases_and_gelu_by_default():
         assert w.abs().max() <= 1.0 and w.abs().max() > 0.9  # cut at 2 std = 1.0, reached with 1,920 draws
         assert 0.35 < float(w.std()) < 0.5  # N(0, 0.5) cut at +-2 std: std 0.44
         assert torch.count_nonzero(linear.bias) == 0
+    small = BottleneckAdapter(torch.nn.Linear(64, 48), bottleneck=40)  # init_scale 1e-3 by default
+    assert 0 < float(small.adapter_down.weight.abs().max()) <= 2e-3
+    wide = BottleneckAdapter(torch.nn.Linear(4, 4).double(), bottleneck=2)
+    assert wide.adapter_down.weight.dtype == wide.adapter_up.weight.dtype == torch.float64  # the base's
     half = BottleneckAdapter(torch.nn.Linear(4, 4).to(torch.bfloat16), bottleneck=2)
     assert half.adapter_down.weight.dtype == torch.float32  # adapters stay fp32 over a half base
     assert half(torch.ones(1, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
@@ -151,7 +165,8 @@ class TinyForSequenceClassification(torch.nn.Module):
 def test_saved_settings_and_a_classifier_head_round_trip(tmp_path):
     import json
 
-    from safetensors.torch import load_file
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     m = build_method("adapter", bottleneck=3, nonlinearity="relu", init_scale=0.1, target_modules=["body"])
     model = m.apply(TinyForSequenceClassification(), 0)
@@ -160,14 +175,39 @@ def test_saved_settings_and_a_classifier_head_round_trip(tmp_path):
         model.classifier.weight.add_(1.0)
     x = torch.randn(2, 4)
     expected = model(x)
-    m.save(model, tmp_path / "out")
-    assert json.loads((tmp_path / "out" / "bottleneck_adapter.json").read_text()) == {
-        "method": "adapter", "paper": "arXiv 1902.00751", "bottleneck": 3, "nonlinearity": "relu",
-        "init_scale": 0.1, "target_modules": ["body"]}
-    assert set(load_file(str(tmp_path / "out" / "bottleneck_adapter.safetensors"))) == {
+    assert 0.05 < float(model.body.adapter_down.weight.abs().max()) <= 0.2  # init_scale 0.1, cut at 2 std
+    out = tmp_path / "run" / "adapter"  # a folder whose parent does not exist yet
+    m.save(model, out)
+    settings = {"method": "adapter", "paper": "arXiv 1902.00751", "bottleneck": 3, "nonlinearity": "relu",
+                "init_scale": 0.1, "target_modules": ["body"]}
+    assert (out / "bottleneck_adapter.json").read_text() == json.dumps(settings, indent=2) + "\n"
+    assert set(load_file(str(out / "bottleneck_adapter.safetensors"))) == {
         "body.adapter_down.weight", "body.adapter_down.bias", "body.adapter_up.weight", "body.adapter_up.bias",
         "classifier.weight", "classifier.bias"}
+    with safe_open(str(out / "bottleneck_adapter.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
     other = build_method("adapter")
-    loaded = other.load(TinyForSequenceClassification(), tmp_path / "out")
+    loaded = other.load(TinyForSequenceClassification(), out)
     assert other.init_scale == 0.1 and other.target_modules == ["body"]
     torch.testing.assert_close(loaded(x), expected, atol=0, rtol=0)
+    # an adapter tensor missing from the file is an error naming it and the folder
+    tensors = load_file(str(out / "bottleneck_adapter.safetensors"))
+    del tensors["body.adapter_up.bias"]
+    save_file(tensors, str(out / "bottleneck_adapter.safetensors"))
+    with pytest.raises(ValueError) as error:
+        build_method("adapter").load(TinyForSequenceClassification(), out)
+    assert str(error.value) == f"{out}: no tensor for body.adapter_up.bias (and 0 more)"
+
+
+class ScaledLinear(torch.nn.Linear):
+    def forward(self, x, scale=1.0):
+        return super().forward(x) * scale
+
+
+def test_extra_arguments_reach_the_wrapped_layer():
+    torch.manual_seed(0)
+    layer = BottleneckAdapter(ScaledLinear(4, 4), bottleneck=2, init_scale=0.5)
+    x = torch.randn(3, 4)
+    for out in (layer(x, 2.0), layer(x, scale=2.0)):
+        h = layer.base_layer(x) * 2.0
+        torch.testing.assert_close(out, h + layer.adapter_up(layer.adapter_act(layer.adapter_down(h))))

@@ -144,3 +144,67 @@ def test_load_named_fills_parameters_and_refuses_what_does_not_fit():
     with pytest.raises(ValueError, match=r"dir: layers.0.q_proj.lora_A.weight has shape \(4, 2\), the model "
                                          r"expects \(2, 4\)"):
         common.load_named(net, {**tensors, "layers.0.q_proj.lora_A.weight": a0.T}, ".lora_", "dir")
+
+
+class _HeadForSequenceClassification(nn.Module):
+    """No get_output_embeddings; a head of two layers, a plain ``score`` head and a layer whose
+    name only starts like the head's."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.classifier = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+        self.score = nn.Linear(4, 2)
+        self.classifier2 = nn.Linear(4, 4)
+
+
+def test_all_linear_leaves_out_the_classification_head_and_needs_no_output_layer():
+    model = _HeadForSequenceClassification()
+    assert common.all_linear_paths(model) == ["body", "classifier2"]
+    assert common.find_targets(model, "all-linear") == ["body", "classifier2"]
+    assert common.all_linear_paths(nn.Sequential(nn.Linear(2, 2))) == ["0"]  # no output layer to leave out
+
+
+def test_replace_layers_passes_each_path_to_wrap():
+    seen = []
+    common.replace_layers(_Net(), ["layers.0.q_proj", "lm_head"], lambda name, layer: seen.append(name) or layer)
+    assert seen == ["layers.0.q_proj", "lm_head"]
+
+
+def test_target_errors_name_four_unsupported_layers_and_every_linear_layer():
+    net = nn.ModuleDict({f"e{i}": nn.Embedding(2, 2) for i in range(5)})
+    with pytest.raises(ConfigError) as error:
+        common.find_targets(net, ["e0", "e1", "e2", "e3", "e4"])
+    assert str(error.value).endswith(": e0 (Embedding), e1 (Embedding), e2 (Embedding), e3 (Embedding); "
+                                     "native methods adapt nn.Linear and Conv1D layers only")
+    with pytest.raises(ConfigError) as error:
+        common.find_targets(_Net(), ["k_proj"])
+    assert str(error.value).endswith("its linear layers are: q_proj, v_proj"), str(error.value)
+
+
+def test_save_peft_format_into_an_existing_folder(tmp_path):
+    from peft import LoraConfig
+
+    common.save_peft_format(tmp_path, LoraConfig(r=2, target_modules=["q_proj"]), {"x": torch.ones(1)})
+    common.save_peft_format(tmp_path, LoraConfig(r=2, target_modules=["q_proj"]), {"x": torch.zeros(1)})
+    assert torch.equal(common.read_peft_format(tmp_path, "LORA")[1]["x"], torch.zeros(1))
+
+
+def test_merge_into_a_bf16_base_adds_the_delta_rounded_to_bf16():
+    # w0 = 1 + 2^-7 (odd last bf16 bit), dW = 0.0039: rounded to bf16 first (0.00390625, as peft
+    # does), the sum is a tie that rounds to even (1 + 2^-6); summed in fp32 it stays at w0.
+    layer = LoraLinear(nn.Linear(1, 1, bias=False).to(torch.bfloat16), r=1, alpha=1)
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(1.0078125)
+        layer.lora_A.weight.fill_(1.0)
+        layer.lora_B.weight.fill_(0.0039)
+    layer.merge()
+    assert layer.base_layer.weight.item() == 1.015625
+    layer.unmerge()  # 1.015625 - 0.00390625 = 1.01171875, a tie again: stays at 1.015625
+    assert layer.base_layer.weight.item() == 1.015625 and not layer.merged
+    # 1 + 3 * 2^-7 - 0.00390625 is a tie that rounds to 1 + 2^-6; minus 0.0039 in fp32 it would round up
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(1.0234375)
+    layer.merged = True
+    layer.unmerge()
+    assert layer.base_layer.weight.item() == 1.015625

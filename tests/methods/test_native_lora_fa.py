@@ -207,3 +207,12 @@ def test_load_keeps_A_frozen(tmp_path):
     layer = loaded.body
     assert isinstance(layer, LoraLinear) and (layer.r, layer.scaling) == (2, 4.0)
     assert not layer.lora_A.weight.requires_grad and layer.lora_B.weight.requires_grad
+
+
+def test_dropout_reaches_the_layers_and_check_refuses_a_missing_target():
+    m = build_method("lora_fa", r=2, alpha=8, dropout=0.25, target_modules=["body"])
+    model = m.apply(TinyForSequenceClassification(), 0)
+    assert isinstance(model.body.lora_dropout, torch.nn.Dropout) and model.body.lora_dropout.p == 0.25
+    m.check(TinyForSequenceClassification())  # the target is there
+    with pytest.raises(ConfigError, match="nowhere"):
+        build_method("lora_fa", target_modules=["nowhere"]).check(TinyForSequenceClassification())

@@ -208,3 +208,101 @@ def test_saved_config_and_load_defaults(tmp_path):
         build_native_vera(projection_prng_key=True)
     with pytest.raises(ConfigError, match="method.d_initial must be a number, got True"):
         build_native_vera(d_initial=True)
+
+
+class _ScaledLinear(torch.nn.Linear):
+    def forward(self, x, scale=1.0):
+        return super().forward(x) * scale
+
+
+class TinyForSequenceClassification(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj = torch.nn.Linear(4, 4)
+        self.classifier = torch.nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.classifier(self.q_proj(x))
+
+
+def test_builder_checks_its_own_ranges_and_keeps_save_projection():
+    with pytest.raises(ConfigError, match=r"^method\.r "):
+        build_native_vera(r=1.5)
+    with pytest.raises(ConfigError, match=r"^method\.dropout "):
+        build_native_vera(dropout=1.5)
+    assert build_native_vera().save_projection and not build_native_vera(save_projection=False).save_projection
+    default = build_native_vera()
+    assert (default.r, default.d_initial, default.projection_prng_key, default.dropout) == (256, 0.1, 0, 0.0)
+
+
+def test_layer_dtypes_extra_arguments_a_bf16_base_and_projection_shapes():
+    from ftlab.methods.native.vera import VeraLinear, VeraProjections, projections_from_key
+
+    shared = VeraProjections(*projections_from_key(0, 2, 4, 3))
+    wide = VeraLinear(torch.nn.Linear(4, 3).double(), shared, 2, 0.5)
+    assert wide.vera_lambda_b.dtype == wide.vera_lambda_d.dtype == torch.float64
+    torch.nn.init.normal_(wide.vera_lambda_b)
+    x64 = torch.randn(2, 4, dtype=torch.float64)
+    a64, b64 = shared.vera_A[:2, :4].double(), shared.vera_B[:3, :2].double()  # A, B in the base's dtype too
+    torch.testing.assert_close(wide(x64), wide.base_layer(x64) + wide.vera_lambda_b * ((0.5 * (x64 @ a64.T)) @ b64.T),
+                               atol=1e-12, rtol=1e-12)
+    assert float(VeraLinear(torch.nn.Linear(4, 3), shared, 2).vera_lambda_d[0]) == pytest.approx(0.1)  # default
+    layer = VeraLinear(_ScaledLinear(4, 3), shared, 2, 0.5)
+    torch.nn.init.normal_(layer.vera_lambda_b)
+    x = torch.randn(2, 4)
+    a, b = shared.vera_A[:2, :4], shared.vera_B[:3, :2]
+    branch = layer.vera_lambda_b * ((0.5 * (x @ a.T)) @ b.T)
+    for out in (layer(x, 3.0), layer(x, scale=3.0)):
+        torch.testing.assert_close(out, layer.base_layer(x) * 3.0 + branch)
+    half = VeraLinear(torch.nn.Linear(4, 3).to(torch.bfloat16), shared, 2, 0.5)
+    assert half(torch.ones(2, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    m = build_native_vera(r=2, target_modules=["q_proj"])  # one target
+    a, b = projections_from_key(0, 2, 4, 4)
+    for bad in [(a[:1], b), (a[:, :3], b), (a, b[:3]), (a, b[:, :1])]:
+        with pytest.raises(ValueError, match="cannot serve r=2, in=4, out=4"):
+            m.apply(TinyForSequenceClassification(), projections=bad)
+
+
+def test_a_classifier_and_the_saved_projections_round_trip(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    m = build_native_vera(r=2, d_initial=0.25, target_modules=["q_proj"])
+    model = m.apply(TinyForSequenceClassification(), 0)
+    assert model.classifier.weight.requires_grad
+    layer = model.q_proj
+    with torch.no_grad():
+        layer.vera_lambda_b.normal_()
+        layer.vera_projections.vera_A.mul_(2.0)  # not the key's draw any more: load must read the file's
+        model.classifier.weight.add_(1.0)
+    x = torch.randn(3, 4)
+    expected = model(x)
+    m.save(model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert (config["task_type"], config["modules_to_save"]) == ("SEQ_CLS", ["classifier"])
+    other = build_native_vera(r=4, d_initial=0.5, save_projection=False)
+    loaded = other.load(TinyForSequenceClassification(), tmp_path / "a")
+    torch.testing.assert_close(loaded(x), expected, atol=0, rtol=0)
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "base_model.vera_B"},
+              str(tmp_path / "a" / "adapter_model.safetensors"))
+    build_native_vera().load(TinyForSequenceClassification(), tmp_path / "a")  # A alone: both from the key
+    del tensors["base_model.model.q_proj.vera_lambda_d"]
+    save_file(tensors, str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError) as error:
+        build_native_vera().load(TinyForSequenceClassification(), tmp_path / "a")
+    assert str(error.value) == f"{tmp_path / 'a'}: no tensor for q_proj.vera_lambda_d (and 0 more)"
+
+
+def test_saved_config_of_a_conv1d_model_is_fan_in_fan_out(tmp_path):
+    import json
+
+    from transformers.pytorch_utils import Conv1D
+
+    model = torch.nn.Module()
+    model.c_attn = Conv1D(6, 4)
+    m = build_native_vera(r=2, target_modules=["c_attn"])
+    m.save(m.apply(model, 0), tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"]
