@@ -121,9 +121,9 @@ def test_explicit_targets_and_errors():
     with pytest.raises(ConfigError) as error:
         build_method("adapter").check(torch.nn.Sequential(torch.nn.Linear(4, 4)))
     assert str(error.value) == (
-        "method.target_modules=auto knows Llama-style (o_proj, down_proj), GPT-2 (attn.c_proj, mlp.c_proj) "
-        "and BERT (attention.output.dense, output.dense) layers; name this model's sublayer output "
-        "projections in method.target_modules")
+        "method.target_modules=auto knows Llama-style (o_proj, down_proj), GPT-2 (attn.c_proj, mlp.c_proj), "
+        "BERT (attention.output.dense, output.dense) and Falcon (self_attention.dense, mlp.dense_4h_to_h) "
+        "layers; name this model's sublayer output projections in method.target_modules")
     # auto needs both projections of an architecture, not one of them
     half = torch.nn.ModuleDict({"attn": torch.nn.ModuleDict({"o_proj": torch.nn.Linear(4, 4)})})
     with pytest.raises(ConfigError, match="auto knows"):

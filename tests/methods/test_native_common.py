@@ -175,8 +175,9 @@ def test_target_errors_name_four_unsupported_layers_and_every_linear_layer():
     net = nn.ModuleDict({f"e{i}": nn.Embedding(2, 2) for i in range(5)})
     with pytest.raises(ConfigError) as error:
         common.find_targets(net, ["e0", "e1", "e2", "e3", "e4"])
-    assert str(error.value).endswith(": e0 (Embedding), e1 (Embedding), e2 (Embedding), e3 (Embedding); "
-                                     "native methods adapt nn.Linear and Conv1D layers only")
+    assert str(error.value).endswith(
+        ": e0 (Embedding), e1 (Embedding), e2 (Embedding), e3 (Embedding); "
+        "native methods adapt nn.Linear (and Falcon's FalconLinear) and Conv1D layers only")
     with pytest.raises(ConfigError) as error:
         common.find_targets(_Net(), ["k_proj"])
     assert str(error.value).endswith("its linear layers are: q_proj, v_proj"), str(error.value)
