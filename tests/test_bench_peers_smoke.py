@@ -42,7 +42,9 @@ def test_ftlab_ways_run_and_are_compared_with_hf_dynamic_padding():
     assert base[5] == "1.00x"
     _check(rows["ftlab default"], base)
     _check(rows["ftlab, packing"], base)
-    assert rows["ftlab, packing"][3] == "100.0%"  # packed rows carry no padding
+    # Packing fills rows with several examples: less padding than one example per row (only the
+    # last, partly filled pack of the few --quick records pads).
+    assert float(rows["ftlab, packing"][3].rstrip("%")) > float(rows["ftlab default"][3].rstrip("%"))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL: bench-only extra (.[bench])")

@@ -24,6 +24,9 @@ def _cli(monkeypatch, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def many(tmp_path_factory) -> Path:
+    import wandb
+
+    wandb.finish()  # a W&B run an earlier test in this process left open would take this run's records
     run_dir = tmp_path_factory.mktemp("many") / "run"
     with pytest.MonkeyPatch.context() as mp:
         _cli(mp, *TINY, "logger=many", "+callbacks.w._target_=tiny_runs.WarnOnFit", f"hydra.run.dir={run_dir}")
