@@ -17,8 +17,8 @@ working on its own (``python -m ftlab.eval`` etc.).
 from __future__ import annotations
 
 import difflib
+import importlib
 import sys
-from typing import Callable
 
 from ftlab.console import fail
 
@@ -51,38 +51,17 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _train(argv: list[str]) -> None:
-    from ftlab.cli import main as train
-
-    train(argv)
-
-
-def _plan(argv: list[str]) -> None:
-    from ftlab.cli import main as train
-
-    train([*argv, "dry_run.enabled=true"])
+# name -> (the entry-point module that runs it, arguments it adds). Each module is loaded by
+# name when its command runs, as ``python -m ftlab.<module>`` would: this dispatcher is not a
+# layer above them, and the other commands' imports (torch, Lightning) stay unpaid.
+_RUNNERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "train": ("cli", ()), "plan": ("cli", ("dry_run.enabled=true",)), "eval": ("eval", ()),
+    "export": ("export", ()), "report": ("report", ())}
 
 
-def _eval(argv: list[str]) -> None:
-    from ftlab.eval import main as evaluate
-
-    evaluate(argv)
-
-
-def _export(argv: list[str]) -> None:
-    from ftlab.export import main as export
-
-    export(argv)
-
-
-def _report(argv: list[str]) -> None:
-    from ftlab.report import main as report
-
-    report(argv)
-
-
-_RUNNERS: dict[str, Callable[[list[str]], None]] = {
-    "train": _train, "plan": _plan, "eval": _eval, "export": _export, "report": _report}
+def _run(command: str, argv: list[str]) -> None:
+    module, extra = _RUNNERS[command]
+    importlib.import_module(f"ftlab.{module}").main([*argv, *extra])
 
 
 def main(argv: list[str] | None = None, bare: str = "help") -> None:
@@ -93,15 +72,15 @@ def main(argv: list[str] | None = None, bare: str = "help") -> None:
         if bare == "help":
             print(usage())
             return
-        return _train([])
+        return _run("train", [])
     first = argv[0]
     if first in ("-h", "--help", "help") and bare == "help":  # python -m ftlab --help: Hydra's, as before
         print(usage())
         return
     if first in _RUNNERS:
-        return _RUNNERS[first](argv[1:])
+        return _run(first, argv[1:])
     if "=" in first or first.startswith("-"):
-        return _train(argv)  # Hydra overrides or options: train, as python -m ftlab always did
+        return _run("train", argv)  # Hydra overrides or options: train, as python -m ftlab always did
     close = difflib.get_close_matches(first, list(COMMANDS), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     fail(f"unknown command {first!r}{hint}; commands: {', '.join(COMMANDS)} "
