@@ -13,7 +13,7 @@ from ftlab.errors import ConfigError
 from ftlab.methods import build_method, count_parameters
 from ftlab.methods.native.lora import LoraLinear, lora_layers
 
-from .tiny import plain_batch, plain_model
+from .tiny import ScaledLinear, plain_batch, plain_model
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 
@@ -239,11 +239,6 @@ def test_config_names_the_base_from_the_model_or_its_config():
     assert peft_lora_config(Wrapped(model), 4, 8, 0.0, False).base_model_name_or_path == "org/x"
 
 
-class _ScaledLinear(torch.nn.Linear):
-    def forward(self, x, scale=1.0):
-        return super().forward(x) * scale
-
-
 class TinyForSequenceClassification(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -260,7 +255,7 @@ def test_layer_dtypes_extra_arguments_and_a_bf16_base():
 
     wide = LoraLinear(torch.nn.Linear(4, 3).double(), r=2, alpha=4)
     assert wide.lora_A.weight.dtype == wide.lora_B.weight.dtype == torch.float64  # the base's dtype
-    layer = LoraLinear(_ScaledLinear(4, 3), r=2, alpha=4)
+    layer = LoraLinear(ScaledLinear(4, 3), r=2, alpha=4)
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(2, 4)
     branch = layer.lora_B(layer.lora_A(x)) * 2

@@ -12,7 +12,7 @@ from ftlab.errors import ConfigError
 from ftlab.methods import build_method, count_parameters
 from ftlab.methods.native.vera import NativeVera, build_native_vera, vera_layers
 
-from .tiny import plain_batch, plain_model
+from .tiny import ScaledLinear, plain_batch, plain_model
 
 # down_proj (in 64, out 32) next to q/v (in 32, out 32/16): the shared A, B are sliced.
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"]}
@@ -210,11 +210,6 @@ def test_saved_config_and_load_defaults(tmp_path):
         build_native_vera(d_initial=True)
 
 
-class _ScaledLinear(torch.nn.Linear):
-    def forward(self, x, scale=1.0):
-        return super().forward(x) * scale
-
-
 class TinyForSequenceClassification(torch.nn.Module):
     def __init__(self):
         super().__init__()
@@ -248,7 +243,7 @@ def test_layer_dtypes_extra_arguments_a_bf16_base_and_projection_shapes():
     torch.testing.assert_close(wide(x64), wide.base_layer(x64) + wide.vera_lambda_b * ((0.5 * (x64 @ a64.T)) @ b64.T),
                                atol=1e-12, rtol=1e-12)
     assert float(VeraLinear(torch.nn.Linear(4, 3), shared, 2).vera_lambda_d[0]) == pytest.approx(0.1)  # default
-    layer = VeraLinear(_ScaledLinear(4, 3), shared, 2, 0.5)
+    layer = VeraLinear(ScaledLinear(4, 3), shared, 2, 0.5)
     torch.nn.init.normal_(layer.vera_lambda_b)
     x = torch.randn(2, 4)
     a, b = shared.vera_A[:2, :4], shared.vera_B[:3, :2]

@@ -220,3 +220,11 @@ BAD_VALUES: list[tuple[str, str, str]] = [
 BAD_CONTEXT: dict[tuple[str, str], dict[str, str]] = {
     ("prompt_tuning", "init_text"): {"init": "text"},
 }
+
+
+class ScaledLinear(torch.nn.Linear):
+    """A linear layer whose forward takes an extra argument (``scale``), as some models' layers
+    do: a native adapter layer must pass such arguments through to the layer it wraps."""
+
+    def forward(self, x, scale=1.0):
+        return super().forward(x) * scale
